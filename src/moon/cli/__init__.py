@@ -1,0 +1,77 @@
+"""The ``moon`` command: a thin layer that parses arguments and calls the library.
+
+Command groups live in their own modules and are imported only when used, so ``moon --help``
+is fast. Any :class:`moon.errors.MoonError` becomes a one-line ``error: …`` message and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from moon import __version__
+from moon.errors import MoonError
+
+# command name → (module, attribute, one-line help). Each module owns one command or group.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("moon.cli.data", "data", "Product stores: synthesise, import MBE, validate, stats, gallery."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use.
+
+    ``lazy`` maps a command name to ``(module, attribute, one-line help)``.
+    """
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy if lazy is not None else {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr, _ = self.lazy[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = {name: self.lazy[name][2] for name in self.lazy}
+        for name in super().list_commands(ctx):
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows[name] = cmd.get_short_help_str(limit=100)
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(rows.items()))
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moon")
+def cli() -> None:
+    """MOON: product embeddings from a generative multimodal LLM (Qwen2.5-VL).
+
+    Run `moon COMMAND --help` for each command's options.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="moon", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MoonError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,165 @@
+"""The one safe way to read an image from the wild.
+
+:func:`load_image` opens a path, bytes or a binary file object, checks it, applies the EXIF
+orientation, converts any mode to RGB (transparency is composited on white, 16-bit data scaled
+down) and refuses decompression bombs. Every failure is an :class:`ImageLoadError` that names the
+source and the reason, never a bare PIL exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from moon.errors import DataError
+
+#: Default limit on width × height (about 8k × 8k); configurable per call.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, Image.Image]
+
+
+class ImageLoadError(DataError):
+    """An image could not be read: ``"<source>: <reason>"``."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+def _describe(src: ImageSource, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, (bytes, bytearray)):
+        return f"<{len(src):,} bytes>"
+    return getattr(src, "name", None) or "<image stream>"
+
+
+def _read_bytes(src: ImageSource, label: str) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ImageLoadError(label, "file not found")
+        if path.is_dir():
+            raise ImageLoadError(label, "is a directory, not an image")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ImageLoadError(label, f"cannot be read ({exc.strerror or exc})") from exc
+    try:
+        return src.read()
+    except Exception as exc:  # noqa: BLE001 - any stream failure is reported the same way
+        raise ImageLoadError(label, f"cannot be read ({exc})") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode == "CMYK":
+        # PIL's CMYK→RGB handles Adobe-inverted JPEGs on decode; a plain convert is correct here.
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    src: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Open, verify and normalise an image.
+
+    Args:
+        src: a path, raw bytes, a binary file object, or an already-open ``PIL.Image``.
+        max_pixels: refuse images whose width × height exceeds this (decompression bombs).
+        name: how to name the source in error messages (defaults to the path).
+
+    Returns:
+        A fully loaded RGB ``PIL.Image`` with EXIF orientation applied.
+
+    Raises:
+        ImageLoadError: empty, missing, truncated, not an image, or too large.
+    """
+    label = _describe(src, name)
+    if isinstance(src, Image.Image):
+        w, h = src.size
+        if w * h > max_pixels:
+            raise ImageLoadError(label, f"too large ({w}×{h} = {w * h:,} pixels > limit {max_pixels:,})")
+        return _to_rgb(ImageOps.exif_transpose(src))
+    data = _read_bytes(src, label)
+    if not data:
+        raise ImageLoadError(label, "empty file (0 bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            probe = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise ImageLoadError(label, "not an image (unrecognised format)") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(label, f"too large ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise ImageLoadError(label, f"not a readable image ({exc})") from exc
+        w, h = probe.size
+        if w <= 0 or h <= 0:
+            raise ImageLoadError(label, f"invalid size {w}×{h}")
+        if w * h > max_pixels:
+            raise ImageLoadError(label, f"too large ({w}×{h} = {w * h:,} pixels > limit {max_pixels:,})")
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)
+        try:
+            probe.verify()
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(label, f"too large ({exc})") from exc
+        except OSError as exc:
+            msg = str(exc)
+            if "truncated" in msg or "broken data stream" in msg or "not enough data" in msg:
+                raise ImageLoadError(label, f"truncated ({len(data):,} bytes read)") from exc
+            raise ImageLoadError(label, f"corrupt image data ({msg})") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise ImageLoadError(label, f"corrupt image data ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture
+        pass
+    return _to_rgb(img)
+
+
+def image_sha1(src: ImageSource) -> str:
+    """SHA-1 of the raw bytes of an image file (or of the RGB pixels of a ``PIL.Image``)."""
+    if isinstance(src, Image.Image):
+        rgb = _to_rgb(src)
+        h = hashlib.sha1(f"{rgb.size}".encode())
+        h.update(rgb.tobytes())
+        return h.hexdigest()
+    return hashlib.sha1(_read_bytes(src, _describe(src, None))).hexdigest()
