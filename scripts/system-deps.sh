@@ -2,7 +2,7 @@
 # Installs the Debian packages MOON uses (real data for the product world; Chromium for the
 # browser test). Fast when they are already there. Without root it prints the command to run.
 set -euo pipefail
-packages=(openclipart-png dataset-fashion-mnist darknet chromium chromium-driver)
+packages=(openclipart-png dataset-fashion-mnist darknet chromium chromium-driver fonts-wqy-zenhei)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

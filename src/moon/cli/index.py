@@ -1,0 +1,150 @@
+"""`moon index …`: build a FAISS index of a product store, add/remove products, show its manifest."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def index() -> None:
+    """Build and update a vector index of a product store."""
+
+
+@index.command()
+@click.option("--model", "model", required=True, help="Embedder spec (moon-tiny, a saved directory, random …).")
+@click.option("--data", "data", required=True, type=click.Path(file_okay=False), help="Product store to index.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "exact", "hnsw", "ivfpq"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact up to --exact-limit products, HNSW up to 10M, IVF-PQ beyond.",
+)
+@click.option("--exact-limit", default=1_000_000, show_default=True, help="Largest catalogue searched exactly (auto).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Index parameter (M, ef_search, nlist, nprobe, pq_m …).",
+)
+@click.option("--batch-size", default=64, show_default=True, help="Products encoded per batch.")
+@click.option("--recall-queries", default=1000, show_default=True, help="Sampled queries for the Recall@10 check.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+def build(model, data, out, kind, exact_limit, params, batch_size, recall_queries, overwrite) -> None:
+    """Encode every product of a store and write a FAISS index with its manifest."""
+    from moon.embedders import load_embedder
+    from moon.errors import ConfigError
+    from moon.index import build_index
+
+    parsed = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parsed[key] = int(value)
+        except ValueError as exc:
+            raise ConfigError(f"--param {item!r}: the value must be an integer") from exc
+    embedder = load_embedder(model)
+    idx = build_index(
+        embedder,
+        data,
+        out,
+        model=model,
+        kind=kind,
+        params=parsed,
+        batch_size=batch_size,
+        exact_limit=exact_limit,
+        recall_queries=recall_queries,
+        overwrite=overwrite,
+        show_progress=True,
+    )
+    m = idx.manifest
+    click.echo(f"{out}: {m.count:,} products, {m.kind} index, dim {m.dim}, Recall@10 vs exact {m.recall_at_10:.4f}")
+
+
+@index.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--id",
+    "ids",
+    multiple=True,
+    help="Product id to add or re-encode (repeatable). Default: every store product not yet indexed.",
+)
+@click.option("--ids-file", type=click.File("r", encoding="utf-8"), help="A file with one product id per line.")
+@click.option(
+    "--model", default=None, help="Embedder spec (default: the one in the manifest; must match its fingerprint)."
+)
+@click.option("--batch-size", default=64, show_default=True)
+def add(index_dir, ids, ids_file, model, batch_size) -> None:
+    """Add products of the index's store (new ids are added, existing ones re-encoded)."""
+    from moon.data import ProductStore
+    from moon.errors import DataError
+    from moon.index import VectorIndex, add_products, load_index_embedder
+
+    idx = VectorIndex.open(index_dir)
+    store = ProductStore(idx.manifest.store)
+    wanted = list(ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
+    if wanted:
+        products = []
+        for pid in wanted:
+            try:
+                products.append(store.product(pid))
+            except KeyError:
+                raise DataError(f"product id {pid!r} is not in the store {store.root}") from None
+    else:
+        products = [p for p in store.iter_products() if p.id not in idx]
+    embedder = load_index_embedder(idx.manifest, model)
+    added, replaced = add_products(idx, embedder, products, batch_size=batch_size, show_progress=True)
+    idx.save()
+    click.echo(f"{index_dir}: added {added:,}, re-encoded {replaced:,}; {len(idx):,} products indexed")
+
+
+@index.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("ids", nargs=-1)
+@click.option("--ids-file", type=click.File("r", encoding="utf-8"), help="A file with one product id per line.")
+def remove(index_dir, ids, ids_file) -> None:
+    """Remove products from the index by id."""
+    from moon.errors import ConfigError
+    from moon.index import VectorIndex
+
+    wanted = list(ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
+    if not wanted:
+        raise ConfigError("give the product ids to remove (arguments or --ids-file)")
+    idx = VectorIndex.open(index_dir)
+    removed = idx.remove(wanted)
+    idx.save()
+    click.echo(f"{index_dir}: removed {removed:,} of {len(set(wanted)):,} ids; {len(idx):,} products indexed")
+
+
+@index.command()
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(index_dir, as_json) -> None:
+    """Show an index's manifest: model, kind, size, measured recall."""
+    from moon.index import read_manifest
+
+    m = read_manifest(index_dir)
+    if as_json:
+        click.echo(json.dumps(m.to_dict(), indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    recall = "n/a" if m.recall_at_10 is None else f"{m.recall_at_10:.4f}"
+    rows = [
+        ("model", m.model),
+        ("fingerprint", m.fingerprint),
+        ("kind", f"{m.kind} ({m.metric})"),
+        ("params", ", ".join(f"{k}={v}" for k, v in sorted(m.params.items())) or "-"),
+        ("products", f"{m.count:,}"),
+        ("dim", str(m.dim)),
+        ("recall@10", f"{recall} vs exact ({m.recall_queries:,} queries over {m.recall_count:,} vectors)"),
+        ("store", m.store),
+        ("created", m.created),
+        ("updated", m.updated),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<12} {value}")

@@ -1,0 +1,338 @@
+"""The HTTP API and search page over one index: ``create_app(index_dir) -> FastAPI``.
+
+Routes: ``GET /`` (search page), ``POST /search``, ``POST /embed``, ``GET /products/{id}``,
+``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics``. Every error is JSON
+``{"error": {"code": <status>, "message": "..."}}``. Product ids are only ever dictionary keys;
+image files are served from the record's path after checking it lies inside the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import mimetypes
+import os
+import threading
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moon import __version__
+from moon.data import ImageLoadError, ProductStore, Query, load_image
+from moon.embedders import Embedder
+from moon.errors import MoonError
+from moon.index import VectorIndex, check_embedder, load_index_embedder, search
+from moon.serve.body_limit import BodySizeLimit
+from moon.serve.limits import ServeLimits
+from moon.serve.metrics import Metrics
+
+IMAGE_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+}
+
+
+class ApiError(Exception):
+    """An error answered as JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status)
+
+
+def _product_urls(product_id: str, n_images: int) -> list[str]:
+    base = f"/products/{quote(product_id, safe='')}/image"
+    return [base if i == 0 else f"{base}?n={i}" for i in range(n_images)]
+
+
+class _Service:
+    """Index + model + store, with bounded model concurrency and a per-call deadline."""
+
+    def __init__(self, index: VectorIndex, embedder: Embedder, store: ProductStore, limits: ServeLimits):
+        self.index = index
+        self.embedder = embedder
+        self.store = store
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.concurrency)
+
+    async def call(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` in a worker thread; 504 when it does not finish within the timeout."""
+        deadline = time.monotonic() + self.limits.timeout_s
+
+        def guarded():
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+            try:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                return fn(*args, **kwargs)
+            finally:
+                self._slots.release()
+
+        try:
+            return await asyncio.wait_for(run_in_threadpool(guarded), timeout=self.limits.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(504, f"the request took longer than the {self.limits.timeout_s:g} s limit") from None
+
+
+async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) -> tuple[Query, int]:
+    """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    text: Any = None
+    k: Any = 10
+    image_bytes: bytes | None = None
+    if ctype == "application/json":
+        try:
+            payload = json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, 'the JSON body must be an object like {"text": "red sneaker", "k": 10}')
+        unknown = sorted(set(payload) - {"text", "k", "image"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected text, image (base64), k")
+        text, k = payload.get("text"), payload.get("k", 10)
+        if payload.get("image") is not None:
+            raw = payload["image"]
+            if not isinstance(raw, str):
+                raise ApiError(400, "image must be a base64 string (optionally a data: URL)")
+            if raw.startswith("data:"):
+                raw = raw.partition(",")[2]
+            try:
+                image_bytes = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "image is not valid base64") from None
+    elif ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except StarletteHTTPException as exc:
+            raise ApiError(400, f"bad multipart form ({exc.detail})") from None
+        text = form.get("text")
+        k = form.get("k") or 10
+        upload = form.get("image")
+        if upload is not None and not isinstance(upload, str):
+            image_bytes = await upload.read()
+            if not image_bytes:
+                image_bytes = None  # an empty file field: the browser sent no photo
+        elif isinstance(upload, str) and upload:
+            raise ApiError(400, "image must be a file upload")
+    else:
+        raise ApiError(
+            415, f"unsupported content type {ctype or '(none)'!r}; send application/json or multipart/form-data"
+        )
+
+    if text is not None and not isinstance(text, str):
+        raise ApiError(400, "text must be a string")
+    text = (text or "").strip() or None
+    if text is not None and len(text) > limits.max_text_chars:
+        raise ApiError(400, f"text is {len(text):,} characters long; the limit is {limits.max_text_chars:,}")
+    if with_k:
+        try:
+            if isinstance(k, bool) or (isinstance(k, float) and not k.is_integer()):
+                raise ValueError
+            k = int(k)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"k must be an integer, got {k!r}") from None
+        if not 1 <= k <= limits.max_k:
+            raise ApiError(400, f"k must be between 1 and {limits.max_k}, got {k}")
+    images = []
+    if image_bytes is not None:
+        try:
+            images.append(load_image(image_bytes, max_pixels=limits.max_pixels, name="uploaded image"))
+        except ImageLoadError as exc:
+            raise ApiError(413 if exc.reason.startswith("too large") else 400, str(exc)) from None
+    if text is None and not images:
+        raise ApiError(400, "give a query text, an image, or both")
+    return Query(id="request", text=text, images=images), int(k)
+
+
+def create_app(
+    index_dir: str | os.PathLike,
+    embedder: Embedder | None = None,
+    *,
+    limits: ServeLimits | None = None,
+    store_dir: str | os.PathLike | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``index_dir``.
+
+    Args:
+        index_dir: a directory written by :func:`moon.index.build_index`.
+        embedder: the model (default: loaded from the manifest's spec); its fingerprint must
+            match the index's.
+        limits: request limits (:class:`ServeLimits` defaults).
+        store_dir: the product store (default: the path recorded in the manifest).
+    """
+    limits = limits or ServeLimits()
+    index = VectorIndex.open(index_dir)
+    if embedder is None:
+        embedder = load_index_embedder(index.manifest)
+    else:
+        check_embedder(index.manifest, embedder, where=str(index_dir))
+    store = ProductStore(store_dir or index.manifest.store)
+    store.product_ids()  # fail early on a broken store
+    for product_id in index.ids()[:1]:  # build the id → row lookup once, before requests race for it
+        try:
+            store.product(product_id)
+        except KeyError:
+            pass
+    service = _Service(index, embedder, store, limits)
+    metrics = Metrics()
+    metrics.gauges["moon_index_products"] = len(index)
+
+    app = FastAPI(title="MOON product search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.state.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(MoonError)
+    async def _moon_error(request: Request, exc: MoonError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.observe(getattr(route, "path", "(unmatched)"), request.method, status, time.perf_counter() - start)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("moon.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data: blob:"
+            },
+        )
+
+    @app.post("/search")
+    async def search_route(request: Request) -> dict[str, Any]:
+        query, k = await _read_query(request, limits, with_k=True)
+        start = time.perf_counter()
+        hits = await service.call(search, service.index, service.embedder, query, k=k, store=service.store)
+        results = []
+        for hit in hits:
+            row = asdict(hit)
+            try:
+                n_images = len(service.store.product(hit.id).images)
+            except KeyError:
+                n_images = 0
+            row["image_url"] = _product_urls(hit.id, n_images)[0] if n_images else None
+            row["product_url"] = f"/products/{quote(hit.id, safe='')}"
+            results.append(row)
+        return {
+            "query": {"text": query.text, "images": len(query.images), "modality": query.modality, "k": k},
+            "took_ms": round(1000 * (time.perf_counter() - start), 2),
+            "results": results,
+        }
+
+    @app.post("/embed")
+    async def embed_route(request: Request) -> dict[str, Any]:
+        query, _ = await _read_query(request, limits, with_k=False)
+        vectors = await service.call(service.embedder.encode_queries, [query])
+        vector = np.asarray(vectors, dtype=np.float32)[0]
+        return {
+            "model": service.index.manifest.model,
+            "fingerprint": service.index.manifest.fingerprint,
+            "dim": int(vector.shape[0]),
+            "embedding": vector.tolist(),
+        }
+
+    @app.get("/products/{product_id}")
+    async def product_route(product_id: str) -> dict[str, Any]:
+        try:
+            product = service.store.product(product_id)
+        except KeyError:
+            raise ApiError(404, f"no product with id {product_id!r}") from None
+        return {
+            "id": product.id,
+            "title": product.title,
+            "category": product.category,
+            "attributes": product.attributes,
+            "group": product.group,
+            "images": _product_urls(product.id, len(product.images)),
+            "indexed": product.id in service.index,
+        }
+
+    @app.get("/products/{product_id}/image")
+    async def product_image_route(product_id: str, n: int = 0) -> FileResponse:
+        try:
+            product = service.store.product(product_id)
+        except KeyError:
+            raise ApiError(404, f"no product with id {product_id!r}") from None
+        if not 0 <= n < len(product.images):
+            raise ApiError(404, f"product {product_id!r} has {len(product.images)} image(s); no image number {n}")
+        path = Path(product.images[n]).resolve()
+        root = service.store.root
+        if root not in path.parents:
+            raise ApiError(403, f"image {n} of product {product_id!r} lies outside the store; refusing to serve it")
+        media_type = IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or ""
+        if not media_type.startswith("image/"):
+            raise ApiError(403, f"image {n} of product {product_id!r} is not an image file type")
+        if not path.is_file():
+            raise ApiError(404, f"image {n} of product {product_id!r} is missing from the store")
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        m = service.index.manifest
+        return {
+            "status": "ok",
+            "version": __version__,
+            "products": len(service.index),
+            "kind": m.kind,
+            "model": m.model,
+            "dim": m.dim,
+            "recall_at_10": m.recall_at_10,
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_route() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

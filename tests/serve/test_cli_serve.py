@@ -1,0 +1,32 @@
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from moon.cli import cli
+from moon.embedders import _FACTORIES, register_embedder
+
+
+@pytest.fixture
+def toy_family(served_index):
+    _, _, embedder = served_index
+    register_embedder("toy", lambda arg: type(embedder)(arg or ""))
+    yield
+    _FACTORIES.pop("toy", None)
+
+
+def test_serve_passes_host_port_and_limits_to_uvicorn(served_index, toy_family, monkeypatch):
+    import uvicorn
+
+    index_dir, _, _ = served_index
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    result = CliRunner().invoke(
+        cli, ["serve", str(index_dir), "--port", "9123", "--max-k", "5", "--max-text", "8"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    ((app, kw),) = calls
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 9123
+    with TestClient(app) as client:
+        assert client.post("/search", json={"text": "red shoe", "k": 5}).json()["results"][0]["id"] == "red-shoe"
+        assert "between 1 and 5" in client.post("/search", json={"text": "hat", "k": 6}).json()["error"]["message"]
+        assert "limit is 8" in client.post("/search", json={"text": "a long red shoe"}).json()["error"]["message"]
