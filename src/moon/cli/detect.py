@@ -1,0 +1,138 @@
+"""`moon detect …`: core product region detection (train, eval, run, gallery)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from moon.regions.registry import DETECTORS
+
+_DETECTOR = click.option(
+    "--detector", type=click.Choice(DETECTORS), default="learned", show_default=True, help="Which detector to use."
+)
+_MODEL = click.option(
+    "--model",
+    default=None,
+    help="learned: the directory written by `moon detect train`; grounding: a Qwen2.5-VL directory or hub id.",
+)
+_THREADS = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's choice)."
+)
+_DATA = click.option(
+    "--data", "data_dir", required=True, type=click.Path(file_okay=False, exists=True), help="Product store directory."
+)
+
+
+@click.group()
+def detect() -> None:
+    """Core product region detection: train, eval, run, gallery."""
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@detect.command()
+@_DATA
+@_THREADS
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to write the detector.")
+@click.option("--max-images", default=4000, show_default=True, help="Training images (scene-weighted across kinds).")
+@click.option("--epochs", default=25, show_default=True)
+@click.option("--input-size", default=224, show_default=True, help="Square input side (a multiple of 32).")
+@click.option("--seed", default=0, show_default=True)
+def train(
+    data_dir: str, threads: int | None, out_dir: str, max_images: int, epochs: int, input_size: int, seed: int
+) -> None:
+    """Train the learned detector (a box head on frozen EfficientNet-Lite0) on the store's true boxes."""
+    _set_threads(threads)
+    from moon.regions.training import train_learned
+
+    _, report = train_learned(data_dir, out_dir, max_images=max_images, epochs=epochs, input_size=input_size, seed=seed)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.images.items()))
+    click.echo(f"trained on {sum(report.images.values())} images ({kinds})")
+    click.echo(
+        f"features {report.seconds_features:.0f}s, head {report.seconds_train:.0f}s; "
+        f"final loss {report.final_loss:.3f}; validation IoU {report.val_iou:.3f}"
+    )
+    for s in report.skipped:
+        click.echo(f"skipped {s}", err=True)
+    click.echo(f"saved to {out_dir}")
+
+
+@detect.command(name="eval")
+@_DATA
+@_THREADS
+@_DETECTOR
+@_MODEL
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
+@click.option("--max-per-kind", type=int, default=None, help="Evaluate at most this many images of each kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def eval_(
+    data_dir: str,
+    threads: int | None,
+    detector: str,
+    model: str | None,
+    split: str,
+    max_per_kind: int | None,
+    as_json: bool,
+) -> None:
+    """Mean IoU, hit rate at IoU ≥ 0.5 and ms per image, by image kind (clean, scene, banner …)."""
+    _set_threads(threads)
+    from moon.regions.evaluate import evaluate_detector, format_report
+    from moon.regions.registry import load_detector
+
+    det = load_detector(detector, model)
+    report = evaluate_detector(
+        data_dir, det, split=None if split == "all" else split, max_per_kind=max_per_kind, show_progress=not as_json
+    )
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
+
+
+@detect.command()
+@_DATA
+@_THREADS
+@_DETECTOR
+@_MODEL
+@click.option("--pad", default=0.05, show_default=True, help="Grow boxes by this fraction on each side.")
+@click.option("--max-area", default=0.85, show_default=True, help="Skip crops covering more of the image than this.")
+@click.option("--min-area", default=0.005, show_default=True, help="Skip crops covering less of the image than this.")
+def run(
+    data_dir: str, threads: int | None, detector: str, model: str | None, pad: float, max_area: float, min_area: float
+) -> None:
+    """Detect and crop every image; write boxes.parquet (source=DETECTOR) and crops/ (resumable)."""
+    _set_threads(threads)
+    from moon.regions.crop_policy import CropPolicy
+    from moon.regions.registry import load_detector
+    from moon.regions.run import run_detection
+
+    policy = CropPolicy(pad=pad, max_area=max_area, min_area=min_area)
+    report = run_detection(data_dir, load_detector(detector, model), policy=policy)
+    click.echo(
+        f"{report.images} images ({report.resumed} done by an earlier run): {report.cropped} cropped, "
+        f"{report.full_image} kept whole, {len(report.skipped)} skipped; {report.boxes_written} boxes written"
+    )
+    for s in report.skipped:
+        click.echo(f"skipped {s}", err=True)
+
+
+@detect.command()
+@_DATA
+@_THREADS
+@_DETECTOR
+@_MODEL
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="FILE.png or FILE.html")
+@click.option("--n", "n_per_kind", default=8, show_default=True, help="Images per kind.")
+def gallery(
+    data_dir: str, threads: int | None, detector: str, model: str | None, out_file: str, n_per_kind: int
+) -> None:
+    """Draw predicted (red) vs true (green) boxes on test images."""
+    _set_threads(threads)
+    from moon.regions.gallery import write_gallery
+    from moon.regions.registry import load_detector
+
+    path = write_gallery(data_dir, load_detector(detector, model), out_file, n_per_kind=n_per_kind)
+    click.echo(f"wrote {path}")

