@@ -1,0 +1,318 @@
+"""The training loop: ``train(config)`` runs (or resumes) one run directory, on 1 or N processes.
+
+Run directory::
+
+    RUN/config.yaml        the resolved config
+    RUN/metrics.jsonl      one JSON object per logged step (step, loss, …, val_recall@10)
+    RUN/tb/                TensorBoard scalars
+    RUN/checkpoints/       step-XXXXXXXX/ (see moon.train.checkpoints), the last K kept
+    RUN/best/              the embedder with the best val Recall@10 (save_pretrained format)
+    RUN/final/             the embedder after the last step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from moon.errors import ConfigError
+from moon.train import checkpoints as ckpt
+from moon.train.config import TrainConfig, config_from_dict, validate_config
+from moon.train.dataset import open_training_data
+from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
+from moon.train.losses import ContrastiveLoss
+from moon.train.memory import MemoryQueue
+from moon.train.metrics_log import MetricsLogger, truncate_metrics
+from moon.train.models import apply_tuning, build_model
+from moon.train.negatives import NegativeSettings
+from moon.train.optim import build_optimizer, build_scheduler
+from moon.train.sampler import BatchSampler
+from moon.train.step import ContrastiveStep
+from moon.train.validation import embed_items, recall_at_k
+
+# settings a resumed run may change; anything else must match the checkpointed config
+_RESUME_MAY_CHANGE = {"run", "optim.steps"}
+
+
+def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    precision = config.run.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section in a:
+        if section in _RESUME_MAY_CHANGE:
+            continue
+        for key in set(a[section]) | set(b.get(section, {})):
+            if f"{section}.{key}" in _RESUME_MAY_CHANGE:
+                continue
+            if a[section].get(key) != b.get(section, {}).get(key):
+                diffs.append(f"{section}.{key}: {b.get(section, {}).get(key)!r} → {a[section].get(key)!r}")
+    return diffs
+
+
+class Validator:
+    """Recall@10 on (at most ``max_queries``) val queries; product inputs are built once."""
+
+    def __init__(self, model: Any, data: Any, max_queries: int, autocast: Callable[[], Any]):
+        self.queries = sorted(data.val_queries, key=lambda q: q.id)[:max_queries]
+        self.positives = data.val_positives
+        self.products = data.catalog.products
+        self.autocast = autocast
+        self._product_items: list[Any] | None = None
+        self._query_items: list[Any] | None = None
+        self.model = model
+
+    def __call__(self) -> float | None:
+        if not self.queries:
+            return None
+        if self._product_items is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self._product_items = self.model.build_product_inputs(self.products)
+                self._query_items = self.model.build_query_inputs(self.queries)
+            if caught:
+                kinds = sorted({w.category.__name__ for w in caught})
+                warnings.warn(
+                    f"{len(caught)} {'/'.join(kinds)}s while building validation inputs, e.g.: {caught[0].message}",
+                    caught[0].category,
+                    stacklevel=2,
+                )
+        assert self._query_items is not None
+        p = embed_items(self.model, self._product_items, autocast=self.autocast)
+        q = embed_items(self.model, self._query_items, autocast=self.autocast)
+        index = {str(x.id): i for i, x in enumerate(self.products)}
+        relevant = [{index[pid] for pid in self.positives.get(x.id, ()) if pid in index} for x in self.queries]
+        return recall_at_k(q, p, relevant, k=10)
+
+
+def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None = None) -> dict[str, Any]:
+    """Train (or with ``resume`` continue) the run in ``config.run.out``; returns a summary.
+
+    Several processes: ``torchrun --nproc_per_node N --no-python moon train …`` (env:// rendezvous).
+    """
+    validate_config(config, check_paths=True)
+    if config.run.strategy == "fsdp":
+        raise ConfigError(
+            "run.strategy: fsdp is not implemented yet; use ddp (with LoRA, frozen vision and gradient checkpointing for large backbones)"
+        )
+    ctx = ctx or init_distributed(config.run.device)
+    if config.optim.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"optim.batch_size {config.optim.batch_size} is not divisible by the {ctx.world_size} processes"
+        )
+    run_dir = Path(config.run.out)  # type: ignore[arg-type]
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (last: step {latest[0]}); pass --resume to continue it or choose a new --out"
+        )
+    if resume and latest is not None and (run_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        diffs = _config_differences(config.to_dict(), config_from_dict(saved).to_dict())
+        if diffs:
+            raise ConfigError(
+                f"{run_dir}: --resume with a different config ({'; '.join(diffs[:4])}); only run.* and optim.steps may change"
+            )
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    barrier(ctx)
+
+    seed = config.run.seed
+    _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before the data is read
+    model = build_model(config.model.spec, config.model.overrides)
+    apply_tuning(model, config.model)
+    data = open_training_data(
+        config.data.dir,  # type: ignore[arg-type]
+        crop_source=config.data.crop_source,
+        hash_cache=run_dir / "image-hashes.json" if ctx.is_main else None,
+        image_guard=config.negatives.guard,
+    )
+    model.to(ctx.device)
+    model.train()
+    loss_mod = ContrastiveLoss(config.loss.temperature, learnable=config.loss.learn_temperature).to(ctx.device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.loss.learn_temperature:
+        named.append(("loss.log_scale", loss_mod.log_scale))
+    params = [p for _, p in named]
+    if not params:
+        raise ConfigError(f"model.spec {config.model.spec!r}: the model has no trainable parameters with this config")
+    optimizer = build_optimizer(named, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim)
+    dim = int(model.dim)
+    queue = MemoryQueue(config.negatives.queue_size, dim, config.negatives.queue_max_age, ctx.device)
+    sampler = BatchSampler(
+        data.train_queries,
+        data.train_positives,
+        data.catalog,
+        batch_size=config.optim.batch_size,
+        mix=config.data.modality_mix,
+        hard=config.negatives.hard,
+        seed=seed,
+    )
+    autocast = _autocast_factory(config, ctx.device)
+    settings = NegativeSettings(
+        in_batch=config.negatives.in_batch,
+        hard=config.negatives.hard,
+        spatial=config.negatives.spatial,
+        guard=config.negatives.guard,
+    )
+    step_fn = ContrastiveStep(
+        model,
+        loss_mod,
+        data.catalog,
+        settings,
+        queue=queue,
+        ctx=ctx,
+        symmetric=config.loss.symmetric,
+        chunk_size=config.optim.chunk_size,
+        aux_weight=config.loss.aux_weight,
+        autocast=autocast,
+    )
+    validator = Validator(model, data, config.data.val_max_queries, autocast)
+    best = float("-inf")
+    start = 0
+    _seed_everything(seed * 1000 + 1 + ctx.rank)  # per-rank stream for dropout
+    if resume and latest is not None:
+        start, path = latest
+        model_sd, trainer_sd, rng = ckpt.read_checkpoint(path, ctx.rank)
+        ckpt.load_model_state(model, model_sd)
+        optimizer.load_state_dict(trainer_sd["optimizer"])
+        scheduler.load_state_dict(trainer_sd["scheduler"])
+        loss_mod.load_state_dict(trainer_sd["loss"])
+        queue.load_state_dict(trainer_sd["queue"])
+        best = trainer_sd.get("best", best)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        if ctx.is_main:
+            truncate_metrics(run_dir, start)
+    elif ctx.is_main:
+        truncate_metrics(run_dir, 0)
+
+    total = config.optim.steps
+    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=ctx.is_main)
+    bar = tqdm(
+        total=total, initial=start, desc="train", disable=not (ctx.is_main and config.run.progress), dynamic_ncols=True
+    )
+    last: dict[str, Any] = {}
+    if config.run.val_at_start and start == 0:
+        recall = broadcast_object(validator() if ctx.is_main else None, ctx)
+        if recall is not None:
+            logger.log({"step": 0, "val_recall@10": recall})
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_mod.zero_grad(set_to_none=True)
+            result = step_fn(sampler.batch(step), step)
+            average_gradients(params, ctx)
+            grad_norm = None
+            if config.optim.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            record: dict[str, Any] = {
+                "step": done,
+                "loss": result.loss,
+                "contrastive": result.contrastive,
+                "aux": result.aux,
+                "negatives_per_query": result.negatives_per_query,
+                "lr": lr,
+                "temperature": loss_mod.temperature,
+                "samples_per_s": result.n_queries / elapsed if elapsed > 0 else 0.0,
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            for kind, count in step_fn.input_warnings.items():
+                record[f"input_warnings.{kind}"] = count
+            validate_now = config.run.val_every > 0 and (done % config.run.val_every == 0 or done == total)
+            improved = False
+            if validate_now:
+                recall = validator() if ctx.is_main else None
+                recall = broadcast_object(recall, ctx)
+                if recall is not None:
+                    record["val_recall@10"] = recall
+                    if recall > best:
+                        best, improved = recall, True
+            if done % config.run.log_every == 0 or validate_now or done == total:
+                logger.log(record)
+            if improved and ctx.is_main:
+                ckpt.save_pretrained_atomic(model, run_dir / "best")
+                (run_dir / "best.json").write_text(f'{{"step": {done}, "val_recall@10": {best}}}\n', encoding="utf-8")
+            if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
+                _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx)
+            last = record
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{result.loss:.4f}",
+                neg_q=f"{result.negatives_per_query:.0f}",
+                q_s=f"{record['samples_per_s']:.1f}",
+            )
+    finally:
+        bar.close()
+        logger.close()
+    if ctx.is_main:
+        ckpt.save_pretrained_atomic(model, run_dir / "final")
+    barrier(ctx)
+    return {
+        "run_dir": str(run_dir),
+        "steps": total,
+        "last": last,
+        "best_val_recall@10": None if best == float("-inf") else best,
+    }
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loss_mod: Any,
+    queue: MemoryQueue,
+    best: float,
+    config: TrainConfig,
+    ctx: DistContext,
+) -> None:
+    tmp = (
+        ckpt.begin_checkpoint(run_dir, step) if ctx.is_main else ckpt.checkpoint_dir(run_dir, step).with_suffix(".tmp")
+    )
+    barrier(ctx)
+    ckpt.write_rng(tmp, ctx.rank)
+    barrier(ctx)
+    if ctx.is_main:
+        trainer = {
+            "step": step,
+            "data_position": {"step": step, "examples_seen": step * config.optim.batch_size},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loss": loss_mod.state_dict(),
+            "queue": queue.state_dict(),
+            "best": best,
+            "config": config.to_dict(),
+        }
+        ckpt.finish_checkpoint(run_dir, step, tmp, ckpt.model_state(model), trainer, config.run.keep_last)
+    barrier(ctx)
