@@ -27,6 +27,10 @@ def tiny_records(tmp_path):
         Query(id="q1", text=None, images=[root / "images" / "p1.png"], split="val"),
         Query(id="q2", text="blue shoe", images=[root / "images" / "p2.png"], split="test"),
     ]
-    purchases = [Purchase("q0", "p0", 1_700_000_000, "cn"), Purchase("q1", "p1", 1_700_000_100, "us"), Purchase("q2", "p2", 0, "")]
+    purchases = [
+        Purchase("q0", "p0", 1_700_000_000, "cn"),
+        Purchase("q1", "p1", 1_700_000_100, "us"),
+        Purchase("q2", "p2", 0, ""),
+    ]
     boxes = [Box(image="images/p0.png", x0=1, y0=2, x1=10, y1=12, source="truth", kind="clean")]
     return root, products, queries, purchases, boxes

@@ -15,7 +15,10 @@ from moon.errors import ConfigError
 def test_parse_attributes_examples():
     assert parse_attributes("color:white,,brand:nike") == {"color": ["white"], "brand": ["nike"]}
     assert parse_attributes(" color : red!!!blue ,, ,,size: XL ") == {"color": ["red", "blue"], "size": ["XL"]}
-    assert parse_attributes("ratio:16:9,,color:red,,color:red!!!green") == {"ratio": ["16:9"], "color": ["red", "green"]}
+    assert parse_attributes("ratio:16:9,,color:red,,color:red!!!green") == {
+        "ratio": ["16:9"],
+        "color": ["red", "green"],
+    }
     assert parse_attributes("") == {} and parse_attributes(None) == {} and parse_attributes("nan") == {}
     assert parse_attributes("empty:,,k:v") == {"k": ["v"]}
     with pytest.raises(ValueError):
@@ -42,20 +45,57 @@ def mbe_files(tmp_path):
     Image.new("RGB", (20, 20), (0, 200, 0)).save(imgs / "b2.png")
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     rows = [
-        {"id": "0a1f", "doc_title": "Nike Air white sneaker", "doc_image": "https://img.example.com/x/a1.jpg",
-         "doc_industry_name": "Fashion", "doc_cate1_name": "Shoes", "doc_cate2_name": "", "doc_cate3_name": "Sneakers",
-         "doc_cate4_name": None, "doc_attributes": "color:white,,brand:nike", "query": "white nike shoes"},
+        {
+            "id": "0a1f",
+            "doc_title": "Nike Air white sneaker",
+            "doc_image": "https://img.example.com/x/a1.jpg",
+            "doc_industry_name": "Fashion",
+            "doc_cate1_name": "Shoes",
+            "doc_cate2_name": "",
+            "doc_cate3_name": "Sneakers",
+            "doc_cate4_name": None,
+            "doc_attributes": "color:white,,brand:nike",
+            "query": "white nike shoes",
+        },
         {"id": "", "doc_title": "no id", "doc_image": "", "doc_attributes": ""},
         {"id": "0b2e", "doc_title": "", "doc_image": "b2.png", "doc_attributes": ""},
-        {"id": "0c3d", "doc_title": "Mug", "doc_image": "b2.png", "doc_industry_name": "Home",
-         "doc_attributes": "material ceramic", "query": "mug"},
-        {"id": "0d4c", "doc_title": "Cup", "doc_image": str(imgs / "broken.jpg"), "doc_industry_name": "Home",
-         "doc_cate1_name": "Kitchen", "doc_attributes": "material:glass!!!steel", "query": "glass cup"},
-        {"id": "0e5b", "doc_title": "Lamp", "doc_image": "https://img.example.com/none.jpg",
-         "doc_industry_name": "Home", "doc_attributes": "", "query": "lamp"},
-        {"id": "0a1f", "doc_title": "Nike Air white sneaker", "doc_image": "https://img.example.com/x/a1.jpg",
-         "doc_industry_name": "Fashion", "doc_cate1_name": "Shoes", "doc_cate2_name": "", "doc_cate3_name": "Sneakers",
-         "doc_cate4_name": None, "doc_attributes": "color:white,,brand:nike", "query": "nike sneaker"},
+        {
+            "id": "0c3d",
+            "doc_title": "Mug",
+            "doc_image": "b2.png",
+            "doc_industry_name": "Home",
+            "doc_attributes": "material ceramic",
+            "query": "mug",
+        },
+        {
+            "id": "0d4c",
+            "doc_title": "Cup",
+            "doc_image": str(imgs / "broken.jpg"),
+            "doc_industry_name": "Home",
+            "doc_cate1_name": "Kitchen",
+            "doc_attributes": "material:glass!!!steel",
+            "query": "glass cup",
+        },
+        {
+            "id": "0e5b",
+            "doc_title": "Lamp",
+            "doc_image": "https://img.example.com/none.jpg",
+            "doc_industry_name": "Home",
+            "doc_attributes": "",
+            "query": "lamp",
+        },
+        {
+            "id": "0a1f",
+            "doc_title": "Nike Air white sneaker",
+            "doc_image": "https://img.example.com/x/a1.jpg",
+            "doc_industry_name": "Fashion",
+            "doc_cate1_name": "Shoes",
+            "doc_cate2_name": "",
+            "doc_cate3_name": "Sneakers",
+            "doc_cate4_name": None,
+            "doc_attributes": "color:white,,brand:nike",
+            "query": "nike sneaker",
+        },
         {"id": "0a1f", "doc_title": "Something else", "doc_image": "", "doc_attributes": "", "query": "x"},
     ]
     return tmp_path, imgs, rows
@@ -105,7 +145,12 @@ def test_import_each_format(mbe_files, fmt):
     queries = store.queries()
     assert [q.text for q in queries] == ["white nike shoes", "glass cup", "lamp", "nike sneaker"]
     assert {q.split for q in queries} == {"train"}
-    assert store.positives() == {"q00000000": {"0a1f"}, "q00000001": {"0d4c"}, "q00000002": {"0e5b"}, "q00000003": {"0a1f"}}
+    assert store.positives() == {
+        "q00000000": {"0a1f"},
+        "q00000001": {"0d4c"},
+        "q00000002": {"0e5b"},
+        "q00000003": {"0a1f"},
+    }
     stats = store.stats()
     assert stats["category_levels"] == 3 and stats["query_modality"] == {"text": 4}
 

@@ -135,6 +135,18 @@ def test_replace_boxes_keeps_other_sources_and_attaches_crops(tiny_records):
     assert reopened.validate().ok
 
 
+def test_crops_stay_aligned_with_images(tmp_path):
+    root = tmp_path / "s"
+    (root / "images").mkdir(parents=True)
+    (root / "crops").mkdir()
+    for name in ("a", "b", "cb"):
+        (root / "images" / f"{name}.png").write_bytes(b"")
+    two = Product(id="p", title="two", images=["images/a.png", "images/b.png"])
+    write_store(root, [two], [], [], [Box("images/b.png", 0, 0, 4, 4, source="learned", crop="images/cb.png")])
+    crops = ProductStore(root, crop_source="learned").product("p").crops
+    assert crops == [None, str(root / "images" / "cb.png")]  # the crop sits next to the image it was cut from
+
+
 def test_store_path_cannot_escape(tiny_records):
     store = _write(tiny_records)
     with pytest.raises(StoreError, match="escapes"):

@@ -37,6 +37,8 @@ def test_overlay_keeps_size_and_marks_hot_region():
 def test_gallery_marks_hits_and_escapes_titles(tmp_path):
     p = tmp_path / "x.png"
     Image.new("RGB", (20, 20), (0, 0, 255)).save(p)
-    html = retrieval_gallery_html([GalleryRow("red <shoe>", p, "q1", [(p, "A & B", 0.9, True), (None, "C", 0.5, False)])])
+    html = retrieval_gallery_html(
+        [GalleryRow("red <shoe>", p, "q1", [(p, "A & B", 0.9, True), (None, "C", 0.5, False)])]
+    )
     assert html.count("card hit") == 1 and "&lt;shoe&gt;" in html and "A &amp; B" in html
     assert "data:image/jpeg;base64," in html

@@ -17,6 +17,18 @@ from moon.errors import MoonError
 # command name → (module, attribute, one-line help). Each module owns one command or group.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("moon.cli.data", "data", "Product stores: synthesise, import MBE, validate, stats, gallery."),
+    "detect": ("moon.cli.detect", "detect", "Core product region detection: train, eval, run, gallery."),
+    "eval": ("moon.cli.eval", "eval_cmd", "Benchmark embedders on MBE-style tasks; compare results."),
+    "index": ("moon.cli.index", "index", "Build and update a vector index of a product store."),
+    "search": ("moon.cli.search", "search", "Search an index by text and/or photo."),
+    "serve": ("moon.cli.serve", "serve", "Serve an index over HTTP (JSON API + search page)."),
+    "train": ("moon.cli.train", "train", "Train an embedder contrastively on purchases (torchrun-ready)."),
+    "demo": ("moon.cli.demo", "demo", "End to end on the product world: train MOON and baselines, write a report."),
+    "ablate": (
+        "moon.cli.demo",
+        "ablate",
+        "Paper-style ablations over seeds (no crops, dense, learned router, in-batch).",
+    ),
 }
 
 

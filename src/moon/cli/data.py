@@ -78,11 +78,30 @@ def validate(store: str, check_images: bool, max_per_kind: int) -> None:
 @data.command("import-mbe")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory to write.")
-@click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True), help="Folder holding the image files (matched by file name).")
-@click.option("--query-columns", default=None, help="Query-side columns, e.g. 'text=query,image=query_image,product=id'.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]), help="Split of the queries (or prefix a source with train=/val=/test=).")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder holding the image files (matched by file name).",
+)
+@click.option(
+    "--query-columns", default=None, help="Query-side columns, e.g. 'text=query,image=query_image,product=id'."
+)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    type=click.Choice(["train", "val", "test"]),
+    help="Split of the queries (or prefix a source with train=/val=/test=).",
+)
 @click.option("--download", is_flag=True, help="Download images that are URLs and not found locally.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Download cache (default ~/.cache/moon/mbe-images).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Download cache (default ~/.cache/moon/mbe-images).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 def import_mbe_cmd(sources, out, images_dir, query_columns, split, download, cache_dir, overwrite) -> None:
     """Import MBE files (json, jsonl, parquet, csv) into a product store.

@@ -47,7 +47,7 @@ class QueryColumns:
     split: str | None = None
 
     @classmethod
-    def parse(cls, spec: str | None) -> "QueryColumns | None":
+    def parse(cls, spec: str | None) -> QueryColumns | None:
         if not spec:
             return None
         out = cls()
@@ -375,7 +375,9 @@ def import_mbe(
                         report.missing_images.append(f"{where}: {ref}: {reason}")
                     else:
                         images.append(rel)
-                writer.add_product(Product(id=pid, title=title, images=images, category=list(category), attributes=attributes))
+                writer.add_product(
+                    Product(id=pid, title=title, images=images, category=list(category), attributes=attributes)
+                )
                 products[pid] = (title, category)
                 report.products += 1
                 report.images += len(images)

@@ -6,7 +6,8 @@ decoded pixels read from disk, so streaming a large store stays cheap.
 
 ``Product.images`` and ``Query.images`` hold absolute paths when the records come from
 :class:`moon.data.ProductStore`; ``crops`` holds one crop reference per image that a detector cropped
-(see ``boxes.parquet``), in the same order as the images they were cut from.
+(see ``boxes.parquet``) aligned with ``images``: ``crops[i]`` is the crop of ``images[i]``, or
+``None`` where the detector kept that image whole (an empty list means no crops at all).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Product:
         category: category path root → leaf, at most 5 levels (``["Apparel", "Shoes", "Sneakers"]``).
         attributes: attribute type → list of values (``{"color": ["white"], "brand": ["nike"]}``).
         group: optional id shared by duplicate listings of the same item (other sellers).
-        crops: core-region crops of ``images`` (optional; filled from ``boxes.parquet``).
+        crops: core-region crops aligned with ``images`` (``None`` for an uncropped image; empty
+            when there are no crops; filled from ``boxes.parquet``).
     """
 
     id: str
@@ -46,7 +48,7 @@ class Product:
     category: list[str] = field(default_factory=list)
     attributes: dict[str, list[str]] = field(default_factory=dict)
     group: str | None = None
-    crops: list[ImageRef] = field(default_factory=list)
+    crops: list[ImageRef | None] = field(default_factory=list)
 
 
 @dataclass
@@ -58,14 +60,14 @@ class Query:
         text: the query text, or ``None`` for a pure image query.
         images: query photos (may be empty).
         split: ``train``, ``val`` or ``test``.
-        crops: core-region crops of ``images`` (optional).
+        crops: core-region crops aligned with ``images`` (``None`` entries allowed; may be empty).
     """
 
     id: str
     text: str | None = None
     images: list[ImageRef] = field(default_factory=list)
     split: str = "test"
-    crops: list[ImageRef] = field(default_factory=list)
+    crops: list[ImageRef | None] = field(default_factory=list)
 
     @property
     def modality(self) -> str:
@@ -153,5 +155,5 @@ def as_dict(record: Any) -> dict[str, Any]:
     out = asdict(record)
     for key in ("images", "crops"):
         if key in out:
-            out[key] = [str(x) if not hasattr(x, "size") else "<image>" for x in out[key]]
+            out[key] = [x if x is None else str(x) if not hasattr(x, "size") else "<image>" for x in out[key]]
     return out

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moon.data.records import SPLITS, MAX_CATEGORY_LEVELS, Box, Product, Purchase, Query
+from moon.data.records import MAX_CATEGORY_LEVELS, SPLITS, Box, Product, Purchase, Query
 from moon.errors import DataError
 
 FORMAT_NAME = "moon-store"
@@ -112,7 +112,12 @@ def _query_row(q: Query, root: Path) -> dict[str, Any]:
 
 
 def _purchase_row(p: Purchase, root: Path) -> dict[str, Any]:
-    return {"query_id": str(p.query_id), "product_id": str(p.product_id), "timestamp": int(p.timestamp), "region": p.region}
+    return {
+        "query_id": str(p.query_id),
+        "product_id": str(p.product_id),
+        "timestamp": int(p.timestamp),
+        "region": p.region,
+    }
 
 
 def _box_row(b: Box, root: Path) -> dict[str, Any]:
@@ -194,7 +199,9 @@ class StoreWriter:
         if (self.root / "manifest.json").exists():
             (self.root / "manifest.json").unlink()
         self.created = dict(created or {})
-        self._sinks = {name: _TableSink(self.root / f"{name}.parquet", schema, flush_every) for name, schema in TABLES.items()}
+        self._sinks = {
+            name: _TableSink(self.root / f"{name}.parquet", schema, flush_every) for name, schema in TABLES.items()
+        }
         self._write_boxes = False
         self._closed = False
 
@@ -240,7 +247,7 @@ class StoreWriter:
                 sink.writer.close()
         self._closed = True
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -270,7 +277,9 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a {FORMAT_NAME} manifest")
     if int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {manifest['version']} is newer than this MOON reads ({FORMAT_VERSION})")
+        raise StoreError(
+            f"{path}: store format version {manifest['version']} is newer than this MOON reads ({FORMAT_VERSION})"
+        )
     return manifest
 
 
@@ -283,7 +292,7 @@ def write_store(
     *,
     created: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> "ProductStore":
+) -> ProductStore:
     """Write whole iterables of records as a store and open it."""
     with StoreWriter(root, created=created, overwrite=overwrite) as w:
         for p in products:
@@ -401,8 +410,13 @@ class ProductStore:
                         self._crops[row["image"]] = row["crop"]
         return self._crops
 
-    def _product(self, row: dict[str, Any]) -> Product:
+    def _aligned_crops(self, images: list[str]) -> list[str | None]:
+        """``crops[i]`` = absolute crop path of ``images[i]`` or None; [] when no image has one."""
         crops = self._crop_map()
+        aligned = [self._abs(crops[x]) if x in crops else None for x in images]
+        return aligned if any(c is not None for c in aligned) else []
+
+    def _product(self, row: dict[str, Any]) -> Product:
         attrs = row.get("attributes") or []
         return Product(
             id=row["id"],
@@ -411,18 +425,17 @@ class ProductStore:
             category=list(row.get("category") or []),
             attributes={k: list(v or []) for k, v in attrs},
             group=row.get("group"),
-            crops=[self._abs(crops[x]) for x in row.get("images") or [] if x in crops],
+            crops=self._aligned_crops(row.get("images") or []),
         )
 
     def _query(self, row: dict[str, Any]) -> Query:
-        crops = self._crop_map()
         images = row.get("images") or []
         return Query(
             id=row["id"],
             text=row.get("text"),
             images=[self._abs(x) for x in images],
             split=row.get("split") or "test",
-            crops=[self._abs(crops[x]) for x in images if x in crops],
+            crops=self._aligned_crops(images),
         )
 
     def iter_products(self, batch_size: int = 1024) -> Iterator[Product]:
@@ -485,10 +498,14 @@ class ProductStore:
         keep = None
         if split is not None:
             qt = self.table("queries", ["id", "split"])
-            keep = {q for q, s in zip(qt.column("id").to_pylist(), qt.column("split").to_pylist()) if s == split}
+            keep = {
+                q
+                for q, s in zip(qt.column("id").to_pylist(), qt.column("split").to_pylist(), strict=False)
+                if s == split
+            }
         out: dict[str, set[str]] = {}
         pt = self.table("purchases", ["query_id", "product_id"])
-        for q, p in zip(pt.column("query_id").to_pylist(), pt.column("product_id").to_pylist()):
+        for q, p in zip(pt.column("query_id").to_pylist(), pt.column("product_id").to_pylist(), strict=False):
             if keep is None or q in keep:
                 out.setdefault(q, set()).add(p)
         return out
@@ -534,7 +551,9 @@ class ProductStore:
                 report.add("duplicate-id", where, f"product id {pid!r} appears more than once")
             product_ids.add(pid)
             if len(row.get("category") or []) > MAX_CATEGORY_LEVELS:
-                report.add("bad-value", where, f"category has {len(row['category'])} levels (at most {MAX_CATEGORY_LEVELS})")
+                report.add(
+                    "bad-value", where, f"category has {len(row['category'])} levels (at most {MAX_CATEGORY_LEVELS})"
+                )
             for img in row.get("images") or []:
                 check_file(img, where)
         query_ids: set[str] = set()
@@ -618,7 +637,11 @@ class ProductStore:
             purchases_split[query_split.get(row["query_id"], "?")] += 1
         total_images = sum(k * v for k, v in images_per.items())
         dup_groups = {g: n for g, n in groups.items() if n > 1}
-        box_sources = Counter(self.table("boxes", ["source"]).column("source").to_pylist()) if (self.root / "boxes.parquet").exists() else Counter()
+        box_sources = (
+            Counter(self.table("boxes", ["source"]).column("source").to_pylist())
+            if (self.root / "boxes.parquet").exists()
+            else Counter()
+        )
         all_modality: Counter[str] = Counter()
         for c in modality.values():
             all_modality.update(c)
@@ -629,7 +652,9 @@ class ProductStore:
             "category_levels": max(depth) if depth else 0,
             "category_depth_histogram": {str(k): v for k, v in sorted(depth.items())},
             "leaf_categories": len(leaves),
-            "attribute_types": {k: {"products": attr_types[k], "values": len(attr_values[k])} for k in sorted(attr_types)},
+            "attribute_types": {
+                k: {"products": attr_types[k], "values": len(attr_values[k])} for k in sorted(attr_types)
+            },
             "images_per_product": {
                 "mean": total_images / n_products if n_products else 0.0,
                 "min": min(images_per) if images_per else 0,

@@ -120,7 +120,7 @@ class InputBuilder:
         for i, ref in enumerate(kept):
             pil.append(load_image(ref))
             aspects.append("vision")
-            if i < len(kept_crops):
+            if i < len(kept_crops) and kept_crops[i] is not None:
                 pil.append(load_image(kept_crops[i]))
                 aspects.append("crop")
         if not pil:

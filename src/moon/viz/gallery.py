@@ -25,7 +25,7 @@ def thumbnail_data_uri(image, size: int = 96) -> str:
 
 @dataclass
 class GalleryRow:
-    """One query and its ranked results. ``results`` items: (image or None, title, score, is_hit)."""
+    """One query and its ranked results. ``results`` items: (image or None, title, score or None, is_hit)."""
 
     query_text: str | None
     query_image: object | None
@@ -63,7 +63,9 @@ def retrieval_gallery_html(rows: Sequence[GalleryRow], *, thumb: int = 96) -> st
             mark = "✔ " if hit else ""
             parts.append(
                 f"<div class='card{' hit' if hit else ''}'>{img_tag}<div class='t'>{mark}{rank}. "
-                f"{html.escape(title)}</div><div class='s'>{score:.3f}</div></div>"
+                f"{html.escape(title)}</div>"
+                + (f"<div class='s'>{score:.3f}</div>" if score is not None and score == score else "")
+                + "</div>"
             )
         parts.append("</div>")
     parts.append("</div>")

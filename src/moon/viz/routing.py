@@ -28,9 +28,9 @@ def plot_routing_map(
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.6), squeeze=False)
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(names) :]:
         ax.axis("off")
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         counts = np.asarray(layers[name], dtype=np.float64)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -40,8 +40,15 @@ def plot_routing_map(
         for i in range(share.shape[0]):
             for j in range(share.shape[1]):
                 if counts[i].sum() > 0:
-                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if share[i, j] < 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{share[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if share[i, j] < 0.6 else "black",
+                    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -124,7 +124,7 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _images(self, images: Sequence[Any], crops: Sequence[Any]) -> torch.Tensor:
-        refs = list(images) + (list(crops) if self.config.use_crops else [])
+        refs = list(images) + ([c for c in crops if c is not None] if self.config.use_crops else [])
         return images_tensor(refs[: self.config.max_images], self.config.image_size)
 
     def build_product_inputs(self, products: Sequence[Product]) -> list[dict[str, Any]]:

@@ -172,7 +172,7 @@ class PretrainedTowers(nn.Module):
         return out
 
     def _refs(self, images: Sequence[Any], crops: Sequence[Any]) -> list[Any]:
-        refs = list(images) + (list(crops) if self.config.use_crops else [])
+        refs = list(images) + ([c for c in crops if c is not None] if self.config.use_crops else [])
         return refs[: self.config.max_images]
 
     def build_product_inputs(self, products: Sequence[Product]) -> list[dict[str, Any]]:

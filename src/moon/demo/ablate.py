@@ -1,0 +1,214 @@
+"""`moon ablate`: the paper's ablations on the product world, mean ± std over seeds.
+
+Variants (PAPER.md §7): ``full`` MOON; ``no-crops`` (no core-region crops); ``dense`` (no MoE);
+``learned-router`` (MoE without the aspect guidance); ``in-batch-only`` (no hard, spatial or
+temporal negatives). Each variant is trained with the same budget for every seed and scored by the
+same harness; world, detector and every (variant, seed) run are cached stages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from moon.demo.pipeline import DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
+from moon.demo.report import RETRIEVAL
+from moon.demo.stages import StageRunner
+from moon.errors import ConfigError
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no-crops": {"crops": False, "overrides": {"use_crops": False}},
+    "dense": {"overrides": {"moe_mode": "dense"}},
+    "learned-router": {"overrides": {"moe_mode": "learned"}},
+    "in-batch-only": {"train_overrides": {"negatives.hard": 0, "negatives.spatial": False, "negatives.queue_size": 0}},
+}
+
+#: what each variant is expected to hurt, after the paper (directions only)
+EXPECTED = {
+    "no-crops": "image retrieval",
+    "dense": "classification and attributes",
+    "learned-router": "classification and attributes",
+    "in-batch-only": "a little everywhere",
+}
+
+
+@dataclass
+class AblationConfig:
+    spec: str = "moon-small"
+    overrides: dict[str, Any] = field(default_factory=lambda: {"max_images": 3})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    demo: DemoConfig = field(default_factory=lambda: DemoConfig(models=[]))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AblationConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        known = {"spec", "overrides", "seeds", "variants", "demo"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{p}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        demo_raw = raw.get("demo") or {}
+        demo_fields = set(DemoConfig.__dataclass_fields__) - {"models"}
+        bad = set(demo_raw) - demo_fields
+        if bad:
+            raise ConfigError(f"{p}: unknown demo keys {sorted(bad)} (known: {sorted(demo_fields)})")
+        cfg = cls(
+            spec=str(raw.get("spec", "moon-small")),
+            overrides=dict(raw.get("overrides") or {"max_images": 3}),
+            seeds=[int(s) for s in raw.get("seeds", [0, 1, 2])],
+            variants=list(raw.get("variants", list(VARIANTS))),
+            demo=DemoConfig(models=[], **demo_raw),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ConfigError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+        if not self.seeds:
+            raise ConfigError("seeds must not be empty")
+        self.demo.validate()
+
+
+def _run_for(variant: str, spec: str, base_overrides: dict[str, Any]) -> ModelRun:
+    v = VARIANTS[variant]
+    return ModelRun(
+        name=variant,
+        spec=spec,
+        overrides={**base_overrides, **v.get("overrides", {})},
+        crops=v.get("crops", True),
+        train_overrides=dict(v.get("train_overrides", {})),
+    )
+
+
+def summary_scores(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers an ablation compares: R@10 of each retrieval task, mean classification and
+    attribute accuracy."""
+    tasks = results["tasks"]
+    out: dict[str, float] = {}
+    for t in RETRIEVAL:
+        if "recall@10" in tasks.get(t, {}).get("metrics", {}):
+            out[f"{t} R@10"] = tasks[t]["metrics"]["recall@10"]
+    for prefix, label in (("classification-", "classification acc"), ("attribute-", "attribute acc")):
+        accs = [v["metrics"]["accuracy"] for k, v in tasks.items() if k.startswith(prefix)]
+        if accs:
+            out[label] = float(np.mean(accs))
+    return out
+
+
+def run_ablation(out_dir: str | Path, cfg: AblationConfig, *, log: Callable[[str], None] = print) -> Path:
+    """Train and evaluate every (variant, seed); write ablation.json / ablation.md / ablation.png."""
+    cfg.validate()
+    out = Path(out_dir)
+    runner = StageRunner(out / "stages", log=log)
+    d = cfg.demo
+    world = runner.run("world", {"products": d.products, "seed": d.seed, "profile": d.profile}, lambda s: _world(s, d))
+    store_dir = world.outputs["store"]
+    detector = runner.run(
+        "detector",
+        {"epochs": d.detector_epochs, "max_images": d.detector_max_images, "seed": d.seed},
+        lambda s: _detector(s, store_dir, d),
+        after=[world],
+    )
+    scores: dict[str, list[dict[str, float]]] = {}
+    for variant in cfg.variants:
+        run = _run_for(variant, cfg.spec, cfg.overrides)
+        for seed in cfg.seeds:
+            seeded = replace(d, seed=seed)
+            tag = f"{_slug(variant)}-seed{seed}"
+            trained = runner.run(
+                f"train-{tag}",
+                {
+                    "run": run.__dict__,
+                    "steps": d.steps,
+                    "batch": d.batch_size,
+                    "lr": d.lr,
+                    "seed": seed,
+                    "hard": d.hard_negatives,
+                    "queue": d.queue_size,
+                },
+                lambda s, run=run, seeded=seeded: _train(s, run, seeded, store_dir),
+                after=[world, detector],
+            )
+            evaluated = runner.run(
+                f"eval-{tag}",
+                {"run": run.__dict__, "max_queries": d.eval_max_queries, "seed": seed},
+                lambda s, run=run, seeded=seeded, trained=trained: _evaluate(s, run, seeded, store_dir, trained),
+                after=[trained, detector],
+            )
+            res = json.loads(Path(evaluated.outputs["results"]).read_text(encoding="utf-8"))
+            scores.setdefault(variant, []).append(summary_scores(res))
+    return write_ablation(out, cfg, scores)
+
+
+def aggregate(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant → metric → {mean, std, n} (std is the sample std; 0 for a single seed)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, runs in scores.items():
+        metrics = sorted({m for r in runs for m in r})
+        table[variant] = {}
+        for m in metrics:
+            vals = np.array([r[m] for r in runs if m in r], dtype=np.float64)
+            table[variant][m] = {
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                "n": int(len(vals)),
+            }
+    return table
+
+
+def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[str, float]]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = aggregate(scores)
+    metrics = sorted(
+        {m for v in table.values() for m in v}, key=lambda m: (m not in [f"{t} R@10" for t in RETRIEVAL], m)
+    )
+    (out / "ablation.json").write_text(
+        json.dumps({"spec": cfg.spec, "seeds": cfg.seeds, "runs": scores, "summary": table}, indent=2), encoding="utf-8"
+    )
+    lines = [
+        f"# Ablation of {cfg.spec} on the product world ({len(cfg.seeds)} seeds, mean ± std, %)",
+        "",
+        "| variant | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for variant, row in table.items():
+        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" if m in row else "–" for m in metrics]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Expected from the paper: " + "; ".join(f"{k} hurts {v}" for k, v in EXPECTED.items()) + "."]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) + 2), 4))
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(table))
+    for i, (variant, row) in enumerate(table.items()):
+        means = [row.get(m, {}).get("mean", 0.0) for m in metrics]
+        stds = [row.get(m, {}).get("std", 0.0) for m in metrics]
+        ax.bar(x + (i - (len(table) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=variant)
+    ax.set_xticks(x, metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Ablations of {cfg.spec} (mean ± std over {len(cfg.seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    return out / "ablation.md"

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from moon.demo import DemoConfig, ModelRun
+from moon.demo.ablate import VARIANTS, AblationConfig, _run_for, aggregate, summary_scores, write_ablation
+from moon.demo.pipeline import train_config_for
+from moon.demo.report import headline_rows
+from moon.errors import ConfigError
+
+
+def _results(r10_text, acc_l1, acc_l2, acc_color):
+    return {
+        "tasks": {
+            "text2product": {"metrics": {"recall@10": r10_text}},
+            "classification-l1": {"metrics": {"accuracy": acc_l1}},
+            "classification-l2": {"metrics": {"accuracy": acc_l2}},
+            "attribute-color": {"metrics": {"accuracy": acc_color}},
+        }
+    }
+
+
+def test_headline_rows_average_levels_and_mark_missing_tasks():
+    header, rows = headline_rows({"m": _results(0.5, 0.2, 0.4, 0.9)})
+    assert header[1] == "text2product R@10"
+    assert rows == [["m", "50.0", "–", "–", "–", "30.0", "90.0"]]
+
+
+def test_every_demo_model_gets_the_same_data_and_budget(tmp_path):
+    cfg = DemoConfig(steps=7, batch_size=9, hard_negatives=2)
+    configs = [train_config_for(run, cfg, str(tmp_path), str(tmp_path / run.name)) for run in cfg.models if run.train]
+    assert {(c.optim.steps, c.optim.batch_size, c.negatives.hard, c.data.dir) for c in configs} == {
+        (7, 9, 2, str(tmp_path))
+    }
+    moon = next(c for c in configs if c.model.spec == "moon-small")
+    assert moon.data.crop_source == "learned" and moon.model.overrides == {"max_images": 3}
+
+
+def test_variant_overrides_reach_the_train_config(tmp_path):
+    cfg = DemoConfig(models=[])
+    inbatch = train_config_for(_run_for("in-batch-only", "moon-small", {}), cfg, str(tmp_path), str(tmp_path / "o"))
+    assert (inbatch.negatives.hard, inbatch.negatives.spatial, inbatch.negatives.queue_size) == (0, False, 0)
+    nocrops = train_config_for(
+        _run_for("no-crops", "moon-small", {"max_images": 3}), cfg, str(tmp_path), str(tmp_path / "o")
+    )
+    assert nocrops.data.crop_source is None and nocrops.model.overrides == {"max_images": 3, "use_crops": False}
+    dense = _run_for("dense", "moon-small", {})
+    assert dense.overrides == {"moe_mode": "dense"} and dense.crops
+    assert set(VARIANTS) == {"full", "no-crops", "dense", "learned-router", "in-batch-only"}
+
+
+def test_aggregate_mean_and_sample_std():
+    table = aggregate({"full": [{"a": 0.2}, {"a": 0.4}], "dense": [{"a": 0.3}]})
+    assert table["full"]["a"]["mean"] == pytest.approx(0.3)
+    assert table["full"]["a"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert table["dense"]["a"] == {"mean": 0.3, "std": 0.0, "n": 1}
+
+
+def test_summary_scores_and_ablation_files(tmp_path):
+    s = summary_scores(_results(0.5, 0.2, 0.4, 0.9))
+    assert s == {"text2product R@10": 0.5, "classification acc": pytest.approx(0.3), "attribute acc": 0.9}
+    cfg = AblationConfig(seeds=[0, 1], variants=["full", "dense"])
+    write_ablation(tmp_path, cfg, {"full": [s, s], "dense": [s, s]})
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| full | 50.0 ± 0.0 |" in md and (tmp_path / "ablation.png").stat().st_size > 0
+    assert json.loads((tmp_path / "ablation.json").read_text())["summary"]["dense"]["attribute acc"]["n"] == 2
+
+
+def test_ablation_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "a.yaml"
+    bad.write_text("variants: [full, nope]\n")
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        AblationConfig.from_yaml(bad)
+    bad.write_text("demo: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match="unknown demo keys"):
+        AblationConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="no such config"):
+        AblationConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unique"):
+        DemoConfig(models=[ModelRun("a", "x"), ModelRun("a", "y")]).validate()
+
+
+def test_shipped_ablation_config_parses():
+    from pathlib import Path
+
+    cfg = AblationConfig.from_yaml(Path(__file__).parents[2] / "configs" / "ablate-small.yaml")
+    assert cfg.variants == list(VARIANTS) and cfg.seeds == [0, 1, 2] and cfg.demo.steps == 80
