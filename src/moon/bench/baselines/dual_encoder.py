@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moon.bench.baselines.byte_tokenizer import VOCAB_SIZE, encode_text, pad_batch
+from moon.bench.baselines.encoding import BatchedEncoding
 from moon.bench.baselines.fusion import fuse
 from moon.bench.baselines.persistence import (
     config_with_overrides,
@@ -109,7 +108,7 @@ class TextTower(nn.Module):
         return nn.functional.normalize(self.proj(pooled), dim=-1)
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(BatchedEncoding, nn.Module):
     """CLIP-style two towers behind the :class:`moon.embedders.TrainableEmbedder` protocol."""
 
     def __init__(self, config: DualEncoderConfig | None = None, *, name: str = FAMILY):
@@ -195,34 +194,6 @@ class DualEncoder(nn.Module):
         txt = sum(p.numel() for p in self.text_tower.parameters())
         emb = self.text_tower.embed.weight.numel()
         return {"image_tower": img, "text_tower": txt, "total": img + txt, "non_embedding": img + txt - emb}
-
-    # ------------------------------------------------------------------ encode
-    def _encode(self, records: Sequence[Any], build, batch_size: int, show_progress: bool) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        out = np.zeros((len(records), self.dim), dtype=np.float32)
-        try:
-            with torch.no_grad():
-                for start in tqdm(
-                    range(0, len(records), batch_size), disable=not show_progress, desc=self.name, unit="batch"
-                ):
-                    chunk = records[start : start + batch_size]
-                    out[start : start + len(chunk)] = self.forward(self.collate(build(chunk))).float().cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
-
-    def encode_products(
-        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        """Products → ``(n, dim)`` float32 unit rows."""
-        return self._encode(list(products), self.build_product_inputs, batch_size, show_progress)
-
-    def encode_queries(
-        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        """Queries → ``(n, dim)`` float32 unit rows."""
-        return self._encode(list(queries), self.build_query_inputs, batch_size, show_progress)
 
     # ------------------------------------------------------------------ persistence
     def fingerprint(self) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from moon.bench.baselines.encoding import BatchedEncoding
 from moon.bench.baselines.fusion import fuse
 from moon.bench.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
 from moon.bench.baselines.pixels import image_tensor
@@ -142,7 +142,7 @@ def _head(in_dim: int, cfg: PretrainedTowersConfig) -> nn.Module:
     return nn.Linear(in_dim, cfg.dim)
 
 
-class PretrainedTowers(nn.Module):
+class PretrainedTowers(BatchedEncoding, nn.Module):
     """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.embedders.TrainableEmbedder`)."""
 
     def __init__(self, config: PretrainedTowersConfig | None = None, *, name: str = FAMILY):
@@ -207,31 +207,6 @@ class PretrainedTowers(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
-
-    def _encode(self, records: Sequence[Any], build, batch_size: int, show_progress: bool) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        out = np.zeros((len(records), self.dim), dtype=np.float32)
-        try:
-            with torch.no_grad():
-                for start in tqdm(
-                    range(0, len(records), batch_size), disable=not show_progress, desc=self.name, unit="batch"
-                ):
-                    chunk = records[start : start + batch_size]
-                    out[start : start + len(chunk)] = self.forward(self.collate(build(chunk))).float().cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
-
-    def encode_products(
-        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return self._encode(list(products), self.build_product_inputs, batch_size, show_progress)
-
-    def encode_queries(
-        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return self._encode(list(queries), self.build_query_inputs, batch_size, show_progress)
 
     def fingerprint(self) -> str:
         # the towers are fixed by their package versions; only the heads (and config) vary
