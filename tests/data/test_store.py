@@ -64,6 +64,14 @@ def test_refuses_to_overwrite_without_flag(tiny_records):
         StoreWriter(tiny_records[0])
 
 
+def test_overwrite_drops_tables_of_the_old_store(tiny_records):
+    root, products, queries, purchases, boxes = tiny_records
+    write_store(root, products, queries, purchases, boxes)
+    store = write_store(root, products[:1], [], [], overwrite=True)
+    assert not (root / "boxes.parquet").exists() and store.box_sources() == []
+    assert store.validate().ok and store.manifest["counts"] == {"products": 1, "queries": 0, "purchases": 0}
+
+
 def test_image_outside_store_is_refused(tmp_path):
     with pytest.raises(StoreError, match="outside the store"):
         write_store(tmp_path / "s", [Product(id="p", title="t", images=[tmp_path / "elsewhere.png"])])

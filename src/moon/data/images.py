@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moon.errors import DataError
 
@@ -97,7 +97,8 @@ def load_image(
 
     Args:
         src: a path, raw bytes, a binary file object, or an already-open ``PIL.Image``.
-        max_pixels: refuse images whose width × height exceeds this (decompression bombs).
+        max_pixels: refuse images whose width × height exceeds this (decompression bombs); PIL's
+            own ``Image.MAX_IMAGE_PIXELS`` check still applies on top.
         name: how to name the source in error messages (defaults to the path).
 
     Returns:
@@ -115,7 +116,6 @@ def load_image(
     data = _read_bytes(src, label)
     if not data:
         raise ImageLoadError(label, "empty file (0 bytes)")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -131,8 +131,8 @@ def load_image(
             raise ImageLoadError(label, f"invalid size {w}×{h}")
         if w * h > max_pixels:
             raise ImageLoadError(label, f"too large ({w}×{h} = {w * h:,} pixels > limit {max_pixels:,})")
-        old_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)
+        # PIL's own bomb check (its MAX_IMAGE_PIXELS) stays as the user configured it; no global
+        # state is touched, so concurrent loads (the server's threads) cannot interfere.
         try:
             probe.verify()
             img = Image.open(io.BytesIO(data))
@@ -146,8 +146,6 @@ def load_image(
             raise ImageLoadError(label, f"corrupt image data ({msg})") from exc
         except Exception as exc:  # noqa: BLE001
             raise ImageLoadError(label, f"corrupt image data ({exc})") from exc
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture

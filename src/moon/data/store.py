@@ -198,6 +198,11 @@ class StoreWriter:
         (self.root / "images").mkdir(exist_ok=True)
         if (self.root / "manifest.json").exists():
             (self.root / "manifest.json").unlink()
+        # tables of the store being replaced must not survive it (boxes.parquet is optional)
+        for name in TABLES:
+            stale = self.root / f"{name}.parquet"
+            if stale.exists():
+                stale.unlink()
         self.created = dict(created or {})
         self._sinks = {
             name: _TableSink(self.root / f"{name}.parquet", schema, flush_every) for name, schema in TABLES.items()
