@@ -38,3 +38,13 @@ def test_train_writes_a_loadable_detector_trained_on_train_images_only(tiny_stor
 
     im = load_image(tiny_store.root / "images" / "p0_scene.jpg")
     assert loaded.detect(im) == det.detect(im)
+
+
+def test_refining_pass_is_saved_and_can_be_left_out(tiny_store, tmp_path):
+    det, report = train_learned(tiny_store.root, tmp_path / "two", epochs=1, batch_size=8, show_progress=False)
+    assert det.refine is not None and (tmp_path / "two" / "refine.safetensors").is_file()
+    assert LearnedDetector.load(tmp_path / "two").refine is not None
+    assert 0.0 <= report.val_iou <= 1.0 and 0.0 <= report.val_iou_first <= 1.0
+    one, _ = train_learned(tiny_store.root, tmp_path / "one", epochs=1, batch_size=8, refine=False, show_progress=False)
+    assert one.refine is None and not (tmp_path / "one" / "refine.safetensors").exists()
+    assert LearnedDetector.load(tmp_path / "one").refine is None

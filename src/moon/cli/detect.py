@@ -40,23 +40,52 @@ def _set_threads(threads: int | None) -> None:
 @_DATA
 @_THREADS
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to write the detector.")
-@click.option("--max-images", default=4000, show_default=True, help="Training images (scene-weighted across kinds).")
+@click.option("--max-images", default=5000, show_default=True, help="Training images (scene-weighted across kinds).")
 @click.option("--epochs", default=25, show_default=True)
 @click.option("--input-size", default=224, show_default=True, help="Square input side (a multiple of 32).")
+@click.option(
+    "--refine/--no-refine", default=True, show_default=True, help="Train the second, refining pass on box windows."
+)
+@click.option("--refine-size", default=160, show_default=True, help="Refine window input side (a multiple of 32).")
+@click.option("--context", default=2.0, show_default=True, help="Refine window side / the first box's longer side.")
+@click.option(
+    "--stride8/--no-stride8", default=True, show_default=True, help="Heads also read the stride-8 feature map."
+)
 @click.option("--seed", default=0, show_default=True)
 def train(
-    data_dir: str, threads: int | None, out_dir: str, max_images: int, epochs: int, input_size: int, seed: int
+    data_dir: str,
+    threads: int | None,
+    out_dir: str,
+    max_images: int,
+    epochs: int,
+    input_size: int,
+    refine: bool,
+    refine_size: int,
+    context: float,
+    stride8: bool,
+    seed: int,
 ) -> None:
-    """Train the learned detector (a box head on frozen EfficientNet-Lite0) on the store's true boxes."""
+    """Train the learned detector (box heads on frozen EfficientNet-Lite0) on the store's true boxes."""
     _set_threads(threads)
     from moon.regions.training import train_learned
 
-    _, report = train_learned(data_dir, out_dir, max_images=max_images, epochs=epochs, input_size=input_size, seed=seed)
+    _, report = train_learned(
+        data_dir,
+        out_dir,
+        max_images=max_images,
+        epochs=epochs,
+        input_size=input_size,
+        refine=refine,
+        refine_size=refine_size,
+        context=context,
+        stride8=stride8,
+        seed=seed,
+    )
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.images.items()))
     click.echo(f"trained on {sum(report.images.values())} images ({kinds})")
     click.echo(
-        f"features {report.seconds_features:.0f}s, head {report.seconds_train:.0f}s; "
-        f"final loss {report.final_loss:.3f}; validation IoU {report.val_iou:.3f}"
+        f"features {report.seconds_features:.0f}s, heads {report.seconds_train:.0f}s; final loss {report.final_loss:.3f}; "
+        f"validation IoU {report.val_iou:.3f} (first pass {report.val_iou_first:.3f})"
     )
     for s in report.skipped:
         click.echo(f"skipped {s}", err=True)

@@ -122,7 +122,7 @@ def run_ablation(out_dir: str | Path, cfg: AblationConfig, *, log: Callable[[str
     store_dir = world.outputs["store"]
     detector = runner.run(
         "detector",
-        {"epochs": d.detector_epochs, "max_images": d.detector_max_images, "seed": d.seed},
+        {"epochs": d.detector_epochs, "max_images": d.detector_max_images, "seed": d.seed, "design": 2},
         lambda s: _detector(s, store_dir, d),
         after=[world],
     )

