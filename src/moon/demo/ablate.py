@@ -9,6 +9,7 @@ same harness; world, detector and every (variant, seed) run are cached stages.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,6 +115,12 @@ def summary_scores(results: dict[str, Any]) -> dict[str, float]:
 
 def run_ablation(out_dir: str | Path, cfg: AblationConfig, *, log: Callable[[str], None] = print) -> Path:
     """Train and evaluate every (variant, seed); write ablation.json / ablation.md / ablation.png."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*images > max_images=.*")  # capped on purpose (overrides)
+        return _run_ablation(out_dir, cfg, log)
+
+
+def _run_ablation(out_dir: str | Path, cfg: AblationConfig, log: Callable[[str], None]) -> Path:
     cfg.validate()
     out = Path(out_dir)
     runner = StageRunner(out / "stages", log=log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,6 +115,12 @@ def train_config_for(run: ModelRun, cfg: DemoConfig, store_dir: str, out: str) -
 
 def run_demo(out_dir: str | os.PathLike, cfg: DemoConfig | None = None, *, log: Callable[[str], None] = print) -> Path:
     """Run every stage under ``out_dir`` and write ``report.md`` / ``report.html``; returns the report path."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*images > max_images=.*")  # capped on purpose (ModelRun)
+        return _run_demo(out_dir, cfg, log)
+
+
+def _run_demo(out_dir: str | os.PathLike, cfg: DemoConfig | None, log: Callable[[str], None]) -> Path:
     cfg = cfg or DemoConfig()
     cfg.validate()
     if cfg.threads:
