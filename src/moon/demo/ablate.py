@@ -180,6 +180,11 @@ def aggregate(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, 
     return table
 
 
+def _seeds(cfg: AblationConfig) -> str:
+    n = len(cfg.seeds)
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[str, float]]]) -> Path:
     import matplotlib
 
@@ -194,7 +199,7 @@ def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[s
         json.dumps({"spec": cfg.spec, "seeds": cfg.seeds, "runs": scores, "summary": table}, indent=2), encoding="utf-8"
     )
     lines = [
-        f"# Ablation of {cfg.spec} on the product world ({len(cfg.seeds)} seeds, mean ± std, %)",
+        f"# Ablation of {cfg.spec} on the product world ({_seeds(cfg)}, mean ± std, %)",
         "",
         "| variant | " + " | ".join(metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",
@@ -214,7 +219,7 @@ def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[s
     ax.set_xticks(x, metrics, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title(f"Ablations of {cfg.spec} (mean ± std over {len(cfg.seeds)} seeds)")
+    ax.set_title(f"Ablations of {cfg.spec} (mean ± std over {_seeds(cfg)})")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
