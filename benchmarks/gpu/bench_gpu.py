@@ -429,22 +429,7 @@ def fast_moe_forward(use_grouped_mm: bool) -> Callable:
         flat = x.reshape(-1, shape[-1])
         n = flat.shape[0]
         state = self._state
-        tags = state.aspect_ids
-        if tags is None or tags.numel() != n:
-            tags = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        tags = tags.reshape(-1).to(x.device)
-        valid = tags >= 0
-        tag_rows = torch.where(valid, tags, torch.full_like(tags, len(ASPECTS)))
-        logits = self.router(flat).float()
-        shared_logit, expert_logits = logits[:, :1], logits[:, 1:]
-        if self.mode == "guided":
-            expert_logits = expert_logits + self.guidance_scale * self.guidance[tag_rows].float()
-        if self.mode == "hard":
-            top_idx = self.own_expert.to(x.device)[tag_rows].unsqueeze(1)
-        else:
-            top_idx = expert_logits.topk(self.top_k, dim=-1).indices
-        top_logits = expert_logits.gather(1, top_idx)
-        gates = torch.softmax(torch.cat([shared_logit, top_logits], dim=1), dim=1).to(x.dtype)
+        _, valid, expert_logits, top_idx, gates = self.route(flat)  # the library's routing, unchanged
 
         k = top_idx.shape[1]
         flat_expert = top_idx.reshape(-1)

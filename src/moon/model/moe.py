@@ -98,28 +98,39 @@ class GuidedMoE(nn.Module):
         self.register_buffer("own_expert", own, persistent=False)
         object.__setattr__(self, "_state", state)  # not a submodule: shared, not saved
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routing of ``flat`` (N, H) tokens: returns ``(tags, valid, expert_logits, top_idx, gates)``.
+
+        ``tags`` (N,) aspect ids (-1 = padding / unknown), ``valid`` (N,) bool, ``expert_logits`` (N, E)
+        float32 (guidance added in ``guided`` mode), ``top_idx`` (N, k) chosen aspect experts, ``gates``
+        (N, 1 + k) softmax over the shared expert and the chosen ones.
+        """
         n = flat.shape[0]
         state: RoutingState = self._state
         tags = state.aspect_ids
         if tags is None or tags.numel() != n:
-            tags = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        tags = tags.reshape(-1).to(x.device)
+            tags = torch.full((n,), -1, dtype=torch.long, device=flat.device)
+        tags = tags.reshape(-1).to(flat.device)
         valid = tags >= 0
         tag_rows = torch.where(valid, tags, torch.full_like(tags, len(ASPECTS)))
-
         logits = self.router(flat).float()
         shared_logit, expert_logits = logits[:, :1], logits[:, 1:]
         if self.mode == "guided":
             expert_logits = expert_logits + self.guidance_scale * self.guidance[tag_rows].float()
         if self.mode == "hard":
-            top_idx = self.own_expert.to(x.device)[tag_rows].unsqueeze(1)
+            top_idx = self.own_expert.to(flat.device)[tag_rows].unsqueeze(1)
         else:
             top_idx = expert_logits.topk(self.top_k, dim=-1).indices
         top_logits = expert_logits.gather(1, top_idx)
-        gates = torch.softmax(torch.cat([shared_logit, top_logits], dim=1), dim=1).to(x.dtype)
+        gates = torch.softmax(torch.cat([shared_logit, top_logits], dim=1), dim=1).to(flat.dtype)
+        return tags, valid, expert_logits, top_idx, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        n = flat.shape[0]
+        state: RoutingState = self._state
+        tags, valid, expert_logits, top_idx, gates = self.route(flat)
 
         # Dispatch grouped by expert: sort the (token, slot) pairs by expert, run each expert once on
         # its tokens, and write the results back with index_copy into a (token, slot) buffer (each

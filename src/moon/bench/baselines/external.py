@@ -41,7 +41,25 @@ def _fuse(image_vecs: list[np.ndarray], text_vec: np.ndarray | None, weight: flo
     return _unit(text_vec) if text_vec is not None else np.zeros(0, np.float32)
 
 
-class OpenClipEmbedder:
+class _PerRecordEmbedder:
+    """Encodes one record at a time through ``_embed(text, images) -> (dim,)`` (the adapters' models
+    take one image per call); products use the full text template."""
+
+    def _embed(self, text: str | None, images: Sequence[Any]) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_products(
+        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        return np.stack([self._embed(product_text(p), p.images) for p in products]).astype(np.float32)
+
+    def encode_queries(
+        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        return np.stack([self._embed(q.text, q.images) for q in queries]).astype(np.float32)
+
+
+class OpenClipEmbedder(_PerRecordEmbedder):
     """An open_clip model (CLIP, SigLIP …) scored through the harness (frozen; not trainable here)."""
 
     def __init__(self, arch: str, pretrained: str | None):
@@ -72,16 +90,6 @@ class OpenClipEmbedder:
             txt = self.model.encode_text(self.tokenizer([text]))[0].numpy() if text else None
         return _fuse([_unit(v) for v in img], _unit(txt) if txt is not None else None)
 
-    def encode_products(
-        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return np.stack([self._embed(product_text(p), p.images) for p in products]).astype(np.float32)
-
-    def encode_queries(
-        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return np.stack([self._embed(q.text, q.images) for q in queries]).astype(np.float32)
-
 
 def load_open_clip(arg: str | None = None, **overrides: Any) -> OpenClipEmbedder:
     if not arg:
@@ -92,7 +100,7 @@ def load_open_clip(arg: str | None = None, **overrides: Any) -> OpenClipEmbedder
     return OpenClipEmbedder(arch, pretrained or None)
 
 
-class GmeEmbedder:
+class GmeEmbedder(_PerRecordEmbedder):
     """A GME-Qwen2-VL checkpoint (frozen) through its remote-code inference API."""
 
     def __init__(self, path: str):
@@ -123,16 +131,6 @@ class GmeEmbedder:
         img = [np.asarray(self.model.get_image_embeddings(images=[im]))[0] for im in pil]
         txt = np.asarray(self.model.get_text_embeddings(texts=[text]))[0] if text else None
         return _fuse([_unit(v) for v in img], _unit(txt) if txt is not None else None)
-
-    def encode_products(
-        self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return np.stack([self._embed(product_text(p), p.images) for p in products]).astype(np.float32)
-
-    def encode_queries(
-        self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        return np.stack([self._embed(q.text, q.images) for q in queries]).astype(np.float32)
 
 
 def load_gme(arg: str | None = None, **overrides: Any) -> GmeEmbedder:
