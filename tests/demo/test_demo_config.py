@@ -80,8 +80,43 @@ def test_ablation_config_errors_are_clear(tmp_path):
         DemoConfig(models=[ModelRun("a", "x"), ModelRun("a", "y")]).validate()
 
 
-def test_shipped_ablation_config_parses():
+@pytest.mark.parametrize("name, spec", [("ablate-small.yaml", "moon-small"), ("ablate-tiny.yaml", "moon-tiny")])
+def test_shipped_ablation_config_parses(name, spec):
     from pathlib import Path
 
-    cfg = AblationConfig.from_yaml(Path(__file__).parents[2] / "configs" / "ablate-small.yaml")
+    cfg = AblationConfig.from_yaml(Path(__file__).parents[2] / "configs" / name)
     assert cfg.variants == list(VARIANTS) and cfg.seeds == [0, 1, 2] and cfg.demo.steps == 80
+    assert cfg.spec == spec
+
+
+def test_training_rows_tell_learning_chance_and_collapse_apart(tmp_path):
+    import math
+    from types import SimpleNamespace
+
+    from moon.demo.report import training_rows
+
+    def run(name, losses, cosines):
+        final = tmp_path / name / "final"
+        final.mkdir(parents=True)
+        lines = []
+        for i, (loss, cos) in enumerate(zip(losses, cosines)):
+            rec = {"step": i + 1, "loss": loss, "negatives_per_query": 31.0}
+            if cos is not None:
+                rec["product_cosine"] = cos
+            lines.append(json.dumps(rec))
+        (final.parent / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return SimpleNamespace(outputs={"model": str(final)})
+
+    chance = math.log(32)
+    trained = {
+        "good": run("good", [4.0] * 5 + [1.0] * 5, [0.3] * 10),
+        "flat": run("flat", [chance] * 10, [0.5] * 10),
+        "dead": run("dead", [9.0] * 5 + [chance] * 5, [0.999] * 10),
+        "old": run("old", [chance] * 10, [None] * 10),
+    }
+    header, rows = training_rows(trained)
+    assert header[-1] == "verdict"
+    by = {r[0]: r for r in rows}
+    assert by["good"][1:] == ["4.000", "1.000", f"{chance:.3f}", "0.300", "learning"]
+    assert by["flat"][-1] == "at chance" and by["dead"][-1] == "collapsed" and by["dead"][4] == "0.999"
+    assert by["old"][4] == "n/a" and by["old"][-1] == "at chance"

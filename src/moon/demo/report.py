@@ -49,6 +49,42 @@ def headline_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
     return header, rows
 
 
+def training_rows(trained: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per trained model from its run's ``metrics.jsonl``: mean loss of the first and last 5
+    logged steps, the chance loss ``log(1 + negatives per query)`` and the last steps' product cosine
+    (near 1 = collapsed embeddings, see docs/training.md)."""
+    import json
+    import math
+
+    header = ["model", "loss, first 5 steps", "loss, last 5 steps", "chance loss", "product cosine, last 5", "verdict"]
+    rows = []
+    for name, rec in trained.items():
+        path = Path(rec.outputs["model"]).parent / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        recs = [r for r in recs if "loss" in r]
+        if not recs:
+            continue
+        first, last = recs[:5], recs[-5:]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        chance = math.log(1 + mean([r["negatives_per_query"] for r in last]))
+        end = mean([r["loss"] for r in last])
+        cos = [r["product_cosine"] for r in last if "product_cosine" in r]
+        cos_v = mean(cos) if cos else float("nan")
+        if cos and cos_v >= 0.99:
+            verdict = "collapsed"
+        elif end < chance - 0.1:
+            verdict = "learning"
+        else:
+            verdict = "at chance"
+        rows.append(
+            [name, f"{mean([r['loss'] for r in first]):.3f}", f"{end:.3f}", f"{chance:.3f}",
+             f"{cos_v:.3f}" if cos else "n/a", verdict]
+        )  # fmt: skip
+    return header, rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -206,6 +242,9 @@ def write_report(
             md.append(
                 f"| {name} | {kind} | {m.get('mean_iou', float('nan')):.3f} | {m.get('hit_rate', float('nan')):.3f} | {m.get('ms_per_image', float('nan')):.1f} |"
             )
+    train_header, train_rows = training_rows(trained)
+    if train_rows:
+        md += ["", "## Training health", "", markdown_table(train_header, train_rows)]
     md += ["", "## Stage timings", "", "| stage | seconds | cached |", "|---|---|---|"]
     md += [f"| {n} | {s:.1f} | {'yes' if c else ''} |" for n, s, c in timings]
     if pics.get("routing_map"):
@@ -250,6 +289,12 @@ def write_report(
         parts.append("</div>")
     if pics.get("embedding_map"):
         parts += ["<h2>Product vectors in 2-D</h2>", _img_tag(pics["embedding_map"])]
+    if train_rows:
+        parts += [
+            "<h2>Training health</h2><p>Loss against chance, and the mean cosine between a step's product "
+            "vectors (near 1 = every product gets almost the same vector: collapsed, see docs/training.md).</p>",
+            table_html(train_header, train_rows),
+        ]
     parts += [
         "<h2>Core region detection (test images)</h2>",
         table_html(["detector", "kind", "mean IoU", "hit@0.5", "ms/image"], det_rows),

@@ -13,6 +13,7 @@ Run directory::
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 import warnings
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from moon.errors import ConfigError
 from moon.train import checkpoints as ckpt
+from moon.train.collapse import CollapseWatch
 from moon.train.config import TrainConfig, config_from_dict, validate_config
 from moon.train.dataset import open_training_data
 from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
@@ -211,6 +213,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
 
     total = config.optim.steps
     logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=ctx.is_main)
+    collapse = CollapseWatch(start=config.optim.warmup_steps)
     bar = tqdm(
         total=total, initial=start, desc="train", disable=not (ctx.is_main and config.run.progress), dynamic_ncols=True
     )
@@ -246,6 +249,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if math.isfinite(result.product_cosine):
+                record["product_cosine"] = result.product_cosine
             for kind, count in step_fn.input_warnings.items():
                 record[f"input_warnings.{kind}"] = count
             validate_now = config.run.val_every > 0 and (done % config.run.val_every == 0 or done == total)
@@ -264,6 +269,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                 (run_dir / "best.json").write_text(f'{{"step": {done}, "val_recall@10": {best}}}\n', encoding="utf-8")
             if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx)
+            if ctx.is_main:
+                collapse.update(done, result.product_cosine)
             last = record
             bar.update(1)
             bar.set_postfix(

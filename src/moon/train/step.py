@@ -13,6 +13,7 @@ import torch
 
 from moon.train.catalog import ProductCatalog
 from moon.train.chunked import forward_backward
+from moon.train.collapse import mean_pairwise_cosine
 from moon.train.distributed import DistContext, all_reduce_sum, gather_detached, gather_with_grad
 from moon.train.losses import ContrastiveLoss
 from moon.train.memory import MemoryQueue
@@ -29,6 +30,7 @@ class StepResult:
     aux: float
     negatives_per_query: float
     n_queries: int
+    product_cosine: float = float("nan")
 
 
 class ContrastiveStep:
@@ -153,12 +155,14 @@ class ContrastiveStep:
         contrastive = all_reduce_sum(stats["local_sum"], ctx) / n_global
         aux = all_reduce_sum(stats["aux"], ctx) / ctx.world_size
         negatives = all_reduce_sum(float(np.sum(layout.negatives_per_query)), ctx) / n_global
+        positives = gather_detached(p_reps[:n_local], ctx) if ctx.distributed else p_reps[:n_local]
         return StepResult(
             loss=contrastive + self.aux_weight * aux,
             contrastive=contrastive,
             aux=aux,
             negatives_per_query=negatives,
             n_queries=n_global,
+            product_cosine=mean_pairwise_cosine(positives),
         )
 
 
