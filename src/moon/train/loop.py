@@ -113,11 +113,12 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     Several processes: ``torchrun --nproc_per_node N --no-python moon train …`` (env:// rendezvous).
     """
     validate_config(config, check_paths=True)
-    if config.run.strategy == "fsdp":
+    if config.run.strategy == "fsdp" and config.loss.learn_temperature:
         raise ConfigError(
-            "run.strategy: fsdp is not implemented yet; use ddp (with LoRA, frozen vision and gradient checkpointing for large backbones)"
+            "loss.learn_temperature: a learnable temperature is not supported with run.strategy fsdp; fix loss.temperature"
         )
     ctx = ctx or init_distributed(config.run.device)
+    fsdp = config.run.strategy == "fsdp" and ctx.distributed  # one process: nothing to shard
     if config.optim.batch_size % ctx.world_size:
         raise ConfigError(
             f"optim.batch_size {config.optim.batch_size} is not divisible by the {ctx.world_size} processes"
@@ -151,6 +152,10 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         image_guard=config.negatives.guard,
     )
     model.to(ctx.device)
+    if fsdp:
+        from moon.train.fsdp import shard_model
+
+        shard_model(model, ctx)
     model.train()
     loss_mod = ContrastiveLoss(config.loss.temperature, learnable=config.loss.learn_temperature).to(ctx.device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -198,8 +203,17 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     if resume and latest is not None:
         start, path = latest
         model_sd, trainer_sd, rng = ckpt.read_checkpoint(path, ctx.rank)
-        ckpt.load_model_state(model, model_sd)
-        optimizer.load_state_dict(trainer_sd["optimizer"])
+        if trainer_sd.get("strategy", "ddp") != ("fsdp" if fsdp else "ddp"):
+            raise ConfigError(
+                f"{path}: written by a {trainer_sd.get('strategy', 'ddp')} run; resume it with the same run.strategy and process count"
+            )
+        if fsdp:
+            from moon.train.fsdp import load_full_states
+
+            load_full_states(model, optimizer, model_sd, trainer_sd["optimizer"])
+        else:
+            ckpt.load_model_state(model, model_sd)
+            optimizer.load_state_dict(trainer_sd["optimizer"])
         scheduler.load_state_dict(trainer_sd["scheduler"])
         loss_mod.load_state_dict(trainer_sd["loss"])
         queue.load_state_dict(trainer_sd["queue"])
@@ -228,7 +242,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             optimizer.zero_grad(set_to_none=True)
             loss_mod.zero_grad(set_to_none=True)
             result = step_fn(sampler.batch(step), step)
-            average_gradients(params, ctx)
+            if not fsdp:  # FSDP's reduce-scatter already averaged the gradients
+                average_gradients(params, ctx)
             grad_norm = None
             if config.optim.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip))
@@ -256,7 +271,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             validate_now = config.run.val_every > 0 and (done % config.run.val_every == 0 or done == total)
             improved = False
             if validate_now:
-                recall = validator() if ctx.is_main else None
+                recall = validator() if ctx.is_main or fsdp else None  # sharded forward: every rank takes part
                 recall = broadcast_object(recall, ctx)
                 if recall is not None:
                     record["val_recall@10"] = recall
@@ -264,11 +279,12 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                         best, improved = recall, True
             if done % config.run.log_every == 0 or validate_now or done == total:
                 logger.log(record)
+            if improved:
+                _save_embedder(model, run_dir / "best", config, ctx, fsdp)
             if improved and ctx.is_main:
-                ckpt.save_pretrained_atomic(model, run_dir / "best")
                 (run_dir / "best.json").write_text(f'{{"step": {done}, "val_recall@10": {best}}}\n', encoding="utf-8")
             if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
-                _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx)
+                _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
                 collapse.update(done, result.product_cosine)
             last = record
@@ -281,8 +297,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     finally:
         bar.close()
         logger.close()
-    if ctx.is_main:
-        ckpt.save_pretrained_atomic(model, run_dir / "final")
+    _save_embedder(model, run_dir / "final", config, ctx, fsdp)
     barrier(ctx)
     return {
         "run_dir": str(run_dir),
@@ -290,6 +305,16 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         "last": last,
         "best_val_recall@10": None if best == float("-inf") else best,
     }
+
+
+def _save_embedder(model: Any, directory: Path, config: TrainConfig, ctx: DistContext, fsdp: bool) -> None:
+    """``save_pretrained`` on rank 0 (from a gathered full copy under FSDP; every rank must call)."""
+    if fsdp:
+        from moon.train.fsdp import save_unsharded
+
+        save_unsharded(model, directory, config.model, ctx, build_model, apply_tuning)
+    elif ctx.is_main:
+        ckpt.save_pretrained_atomic(model, directory)
 
 
 def _save_checkpoint(
@@ -303,7 +328,14 @@ def _save_checkpoint(
     best: float,
     config: TrainConfig,
     ctx: DistContext,
+    fsdp: bool = False,
 ) -> None:
+    if fsdp:  # collectives: every rank gathers, rank 0 receives the full tensors
+        from moon.train.fsdp import full_model_state, full_optimizer_state
+
+        model_sd, optim_sd = full_model_state(model), full_optimizer_state(model, optimizer)
+    else:
+        model_sd, optim_sd = (ckpt.model_state(model), optimizer.state_dict()) if ctx.is_main else ({}, {})
     tmp = (
         ckpt.begin_checkpoint(run_dir, step) if ctx.is_main else ckpt.checkpoint_dir(run_dir, step).with_suffix(".tmp")
     )
@@ -314,12 +346,13 @@ def _save_checkpoint(
         trainer = {
             "step": step,
             "data_position": {"step": step, "examples_seen": step * config.optim.batch_size},
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_sd,
+            "strategy": "fsdp" if fsdp else "ddp",
             "scheduler": scheduler.state_dict(),
             "loss": loss_mod.state_dict(),
             "queue": queue.state_dict(),
             "best": best,
             "config": config.to_dict(),
         }
-        ckpt.finish_checkpoint(run_dir, step, tmp, ckpt.model_state(model), trainer, config.run.keep_last)
+        ckpt.finish_checkpoint(run_dir, step, tmp, model_sd, trainer, config.run.keep_last)
     barrier(ctx)
