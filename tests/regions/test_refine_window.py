@@ -2,8 +2,8 @@ import random
 
 import pytest
 import torch
+from fixed_heads import FixedHead, zero_features
 from PIL import Image, ImageDraw
-from torch import nn
 
 from moon.regions import LearnedDetector
 from moon.regions.learned import BoxHead
@@ -51,31 +51,13 @@ def test_jitter_is_seeded_and_zero_jitter_is_identity():
     assert jitter_box(box, random.Random(0), shift=0.0, scale=0.0) == pytest.approx(box)
 
 
-class _FixedHead(nn.Module):
-    """Stands in for a BoxHead: one peaked cell, every cell predicting ``box`` (fractions)."""
-
-    def __init__(self, box: tuple[float, float, float, float]):
-        super().__init__()
-        self.box = torch.tensor(box)
-
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, cells = feats.shape[0], feats.shape[2] * feats.shape[3]
-        logits = torch.zeros(n, cells)
-        logits[:, 5] = 10.0
-        return logits, self.box.expand(n, cells, 4)
-
-
-def _zero_features(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(x.shape[0], 4, x.shape[-1] // 16, x.shape[-1] // 16)
-
-
 def test_refined_box_is_the_window_box_mapped_back_exactly():
     first, refined = (0.25, 0.5, 0.5, 0.75), (0.3, 0.2, 0.9, 0.95)
     det = LearnedDetector(
-        _FixedHead(first),
+        FixedHead(first),
         input_size=64,
-        features=_zero_features,
-        refine=_FixedHead(refined),
+        features=zero_features,
+        refine=FixedHead(refined),
         refine_size=64,
         context=2.0,
     )

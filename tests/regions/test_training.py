@@ -1,3 +1,5 @@
+import torch
+
 from moon.data import ProductStore
 from moon.regions import LearnedDetector, train_learned
 from moon.regions.samples import iter_samples
@@ -48,3 +50,39 @@ def test_refining_pass_is_saved_and_can_be_left_out(tiny_store, tmp_path):
     one, _ = train_learned(tiny_store.root, tmp_path / "one", epochs=1, batch_size=8, refine=False, show_progress=False)
     assert one.refine is None and not (tmp_path / "one" / "refine.safetensors").exists()
     assert LearnedDetector.load(tmp_path / "one").refine is None
+
+
+def test_refine_draws_give_that_many_windows_per_image_and_set_refine_epochs(tiny_store, tmp_path):
+    import random
+
+    from moon.regions.backbone import LiteFeatures
+    from moon.regions.training import TrainReport, _features
+
+    samples = [s for s in iter_samples(tiny_store) if s.split == "train" and s.truth is not None][:4]
+    first, second = _features(
+        LiteFeatures(), tiny_store, samples, 64, 8, False, TrainReport(), (64, 1.5, random.Random(0)), draws=3
+    )
+    f1, _ = first.tensors()
+    f2, t2 = second.tensors()
+    assert f2.shape[0] == 3 * f1.shape[0] == 12
+    assert bool((t2 >= 0).all() and (t2 <= 1).all())
+    assert not torch.equal(t2[0], t2[1])  # each draw jitters its own window
+    det, _ = train_learned(tiny_store.root, tmp_path / "m", epochs=3, refine_draws=2, show_progress=False, batch_size=8)
+    assert det.meta["refine_draws"] == 2 and det.meta["refine_epochs"] == 2  # ceil(3 / 2)
+
+
+def test_bf16_trunk_stays_close_to_float32():
+    from moon.regions.backbone import LiteFeatures
+
+    x = torch.randn(2, 3, 64, 64)
+    exact, fast = LiteFeatures(stride8=True, bf16=False), LiteFeatures(stride8=True, bf16=True)
+    a, b = exact(x), fast(x)
+    assert b.dtype == torch.float32 and b.shape == a.shape == (2, 592, 4, 4)
+    assert float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_fp32_can_be_forced(monkeypatch):
+    from moon.regions.backbone import native_bf16
+
+    monkeypatch.setenv("MOON_DETECT_FP32", "1")
+    assert native_bf16() is False

@@ -47,7 +47,18 @@ def _set_threads(threads: int | None) -> None:
     "--refine/--no-refine", default=True, show_default=True, help="Train the second, refining pass on box windows."
 )
 @click.option("--refine-size", default=160, show_default=True, help="Refine window input side (a multiple of 32).")
-@click.option("--context", default=2.0, show_default=True, help="Refine window side / the first box's longer side.")
+@click.option("--context", default=1.5, show_default=True, help="Refine window side / the first box's longer side.")
+@click.option("--refine-draws", default=2, show_default=True, help="Jittered refine windows per training image.")
+@click.option(
+    "--refine-epochs", type=int, default=None, help="Refining head epochs (default: epochs / refine draws, rounded up)."
+)
+@click.option("--refine-rounds", default=1, show_default=True, help="Times the detector runs the refining pass.")
+@click.option(
+    "--refine-flip/--no-refine-flip",
+    default=True,
+    show_default=True,
+    help="Average the refined box with the one found on the mirrored window.",
+)
 @click.option(
     "--stride8/--no-stride8", default=True, show_default=True, help="Heads also read the stride-8 feature map."
 )
@@ -62,6 +73,10 @@ def train(
     refine: bool,
     refine_size: int,
     context: float,
+    refine_draws: int,
+    refine_epochs: int | None,
+    refine_rounds: int,
+    refine_flip: bool,
     stride8: bool,
     seed: int,
 ) -> None:
@@ -78,6 +93,10 @@ def train(
         refine=refine,
         refine_size=refine_size,
         context=context,
+        refine_draws=refine_draws,
+        refine_epochs=refine_epochs,
+        refine_rounds=refine_rounds,
+        refine_flip=refine_flip,
         stride8=stride8,
         seed=seed,
     )

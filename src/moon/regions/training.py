@@ -1,8 +1,9 @@
 """Train the learned detector's heads on a store's true boxes (``moon detect train``).
 
 Features of the frozen backbone are computed once per training image — of the whole image for the
-first head and of one jittered window around the true box for the refining head — and cached in memory
-(float16, ``(N, C, G, G)``), so the epochs only run the light heads. Images are the ``train`` side of
+first head and of ``refine_draws`` (default 2) jittered windows around the true box for the refining
+head — and cached in memory (float16, ``(N, C, G, G)``), so the epochs only run the light heads (in
+bfloat16 where the CPU has native bf16, see :mod:`moon.regions.backbone`). Images are the ``train`` side of
 :func:`moon.regions.samples.iter_samples`; 5 % of them (at most 100) are kept aside to report a
 validation IoU.
 """
@@ -23,8 +24,8 @@ from tqdm.auto import tqdm
 
 from moon.data import ImageLoadError, ProductStore, load_image
 from moon.errors import ConfigError, DataError
-from moon.regions.backbone import LiteFeatures, to_input
-from moon.regions.learned import BoxHead, LearnedDetector, decode, head_loss
+from moon.regions.backbone import LiteFeatures, native_bf16, to_input
+from moon.regions.learned import BoxHead, LearnedDetector, decode, head_loss, unflip_boxes
 from moon.regions.refine_window import crop_window, image_to_window, jitter_box, refine_window
 from moon.regions.samples import ImageSample, iter_samples
 
@@ -93,9 +94,11 @@ def _features(
     show_progress: bool,
     report: TrainReport,
     refine: tuple[int, float, random.Random] | None = None,
+    draws: int = 1,
 ) -> tuple[_Cache, _Cache | None]:
     """Features of every readable sample for the first pass and, with ``refine=(size, context, rng)``,
-    of one jittered refine window per sample (the window a slightly wrong first box would give)."""
+    of ``draws`` jittered refine windows per sample (the windows slightly wrong first boxes would give),
+    stored sample by sample: rows ``i * draws … (i + 1) * draws - 1`` belong to the ``i``-th sample."""
     first, second = _Cache(), (_Cache() if refine else None)
     bar = tqdm(total=len(samples), desc="backbone features", unit="img", disable=not show_progress)
     for start in range(0, len(samples), batch_size):
@@ -112,9 +115,10 @@ def _features(
             boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
             if refine:
                 size, context, rng = refine
-                win = refine_window(jitter_box(s.truth, rng), im.size, context)  # type: ignore[arg-type]
-                crops.append(crop_window(im, win, size))
-                crop_boxes.append(list(image_to_window(s.truth, win)))  # type: ignore[arg-type]
+                for _ in range(draws):
+                    win = refine_window(jitter_box(s.truth, rng), im.size, context)  # type: ignore[arg-type]
+                    crops.append(crop_window(im, win, size))
+                    crop_boxes.append(list(image_to_window(s.truth, win)))  # type: ignore[arg-type]
         if images:
             first.add(extractor(to_input(images, input_size)), boxes)
             if second is not None and refine:
@@ -141,12 +145,17 @@ def _fit_head(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[BoxHead, float]:
     """Train a :class:`BoxHead` on cached ``(N, C, G, G)`` features and ``(N, 4)`` boxes; returns it (eval
-    mode) and the last epoch's mean loss."""
+    mode) and the last epoch's mean loss. Runs channels-last, under bfloat16 autocast where the CPU has
+    native bf16 (the head's outputs and the loss stay float32)."""
     torch.manual_seed(seed)
-    head = BoxHead(feats.shape[1], width)
+    head = BoxHead(feats.shape[1], width).to(memory_format=torch.channels_last)
+    bf16 = native_bf16()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, -(-feats.shape[0] // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    steps = epochs * steps_per_epoch
+    # OneCycleLR divides by zero when its warm-up phase is exactly one step (pct_start × steps == 1)
+    pct = 0.1 if steps != 10 else 0.2
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
     gen = torch.Generator().manual_seed(seed)
     final = 0.0
@@ -156,11 +165,14 @@ def _fit_head(
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            f, t = feats[idx].float(), targets[idx]
+            f, t = feats[idx], targets[idx]
             if flip and torch.rand((), generator=gen) < 0.5:  # horizontal flip of the map and the box
                 f = f.flip(-1)
-                t = torch.stack([1 - t[:, 2], t[:, 1], 1 - t[:, 0], t[:, 3]], dim=1)
-            loss, _ = head_loss(*head(f), t)
+                t = unflip_boxes(t)
+            f = f.to(torch.bfloat16 if bf16 else torch.float32).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits, boxes = head(f)
+            loss, _ = head_loss(logits, boxes, t)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -170,7 +182,7 @@ def _fit_head(
         bar.set_postfix(loss=f"{final:.3f}")
         if on_epoch is not None:
             on_epoch(epoch, final)
-    return head.eval(), final
+    return head.to(memory_format=torch.contiguous_format).eval(), final
 
 
 def _iou_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -205,7 +217,11 @@ def train_learned(
     input_size: int = 224,
     refine: bool = True,
     refine_size: int = 160,
-    context: float = 2.0,
+    context: float = 1.5,
+    refine_draws: int = 2,
+    refine_epochs: int | None = None,
+    refine_rounds: int = 1,
+    refine_flip: bool = True,
     stride8: bool = True,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -217,7 +233,10 @@ def train_learned(
 
     The first head sees the whole image at ``input_size``; with ``refine`` a second head learns to
     re-box the product on ``refine_size`` windows of ``context`` × a jittered true box (the window a
-    slightly wrong first box gives); with ``stride8`` both heads also read the stride-8 map.
+    slightly wrong first box gives), ``refine_draws`` windows per image, for ``refine_epochs`` epochs
+    (default: ``epochs / refine_draws`` rounded up, as many steps as the first head); the detector runs
+    the refining pass ``refine_rounds`` times, with ``refine_flip`` also on the mirrored window (inference
+    settings, no extra training). With ``stride8`` both heads also read the stride-8 map.
     Returns the detector (ready to use) and a :class:`TrainReport` (``val_iou``: the whole detector on
     held-aside images, ``val_iou_first``: the first pass alone). ``on_epoch(epoch, loss)`` is called
     after each epoch of the first head.
@@ -227,6 +246,10 @@ def train_learned(
             raise ConfigError(f"{name} {size} must be a multiple of 32, at least 64")
     if context < 1.0:
         raise ConfigError(f"refine context {context} must be at least 1 (the window holds the whole box)")
+    if refine_draws < 1 or refine_rounds < 1 or (refine_epochs is not None and refine_epochs < 1):
+        raise ConfigError(
+            f"refine draws ({refine_draws}), rounds ({refine_rounds}) and epochs ({refine_epochs}) must be at least 1"
+        )
     _reuse_freed_memory()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -239,7 +262,7 @@ def train_learned(
     t0 = time.perf_counter()
     extractor = LiteFeatures(stride8=stride8)
     jitter = (refine_size, context, random.Random(seed + 1)) if refine else None
-    first, second = _features(extractor, store, chosen, input_size, 32, show_progress, report, jitter)
+    first, second = _features(extractor, store, chosen, input_size, 32, show_progress, report, jitter, refine_draws)
     feats, targets = first.tensors()
     report.seconds_features = time.perf_counter() - t0
     n = feats.shape[0]
@@ -252,10 +275,19 @@ def train_learned(
     refine_head = None
     if second is not None:
         rfeats, rtargets = second.tensors()
-        refine_head, _ = _fit_head(rfeats[n_val:], rtargets[n_val:], desc="train refining head", **fit)
+        fit["epochs"] = refine_epochs or -(-epochs // refine_draws)
+        held = n_val * refine_draws
+        refine_head, _ = _fit_head(rfeats[held:], rtargets[held:], desc="train refining head", **fit)
     report.seconds_train = time.perf_counter() - t0
     det = LearnedDetector(
-        head, input_size=input_size, features=extractor, refine=refine_head, refine_size=refine_size, context=context
+        head,
+        input_size=input_size,
+        features=extractor,
+        refine=refine_head,
+        refine_size=refine_size,
+        context=context,
+        refine_rounds=refine_rounds,
+        refine_flip=refine_flip,
     )
     if n_val:
         with torch.no_grad():
@@ -270,6 +302,8 @@ def train_learned(
         "test_fraction": test_fraction,
         "seed": seed,
         "epochs": epochs,
+        "refine_draws": refine_draws if refine else 0,
+        "refine_epochs": fit["epochs"] if refine else 0,
         "val_iou": round(report.val_iou, 4),
         "val_iou_first_pass": round(report.val_iou_first, 4),
     }
