@@ -64,6 +64,11 @@ def test_summary_scores_and_ablation_files(tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "| full | 50.0 ± 0.0 |" in md and (tmp_path / "ablation.png").stat().st_size > 0
     assert json.loads((tmp_path / "ablation.json").read_text())["summary"]["dense"]["attribute acc"]["n"] == 2
+    assert "Training health" not in md
+    health = (["model", "verdict"], [["full-seed0", "collapsed"], ["dense-seed0", "learning"]])
+    write_ablation(tmp_path, cfg, {"full": [s, s], "dense": [s, s]}, health=health)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "1 of 2 runs ended collapsed" in md and "| full-seed0 | collapsed |" in md
 
 
 def test_ablation_config_errors_are_clear(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from moon.demo.pipeline import DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
-from moon.demo.report import RETRIEVAL
+from moon.demo.report import RETRIEVAL, markdown_table, training_rows
 from moon.demo.stages import StageRunner
 from moon.errors import ConfigError
 
@@ -134,6 +134,7 @@ def _run_ablation(out_dir: str | Path, cfg: AblationConfig, log: Callable[[str],
         after=[world],
     )
     scores: dict[str, list[dict[str, float]]] = {}
+    trained_runs: dict[str, Any] = {}
     for variant in cfg.variants:
         run = _run_for(variant, cfg.spec, cfg.overrides)
         for seed in cfg.seeds:
@@ -161,7 +162,8 @@ def _run_ablation(out_dir: str | Path, cfg: AblationConfig, log: Callable[[str],
             )
             res = json.loads(Path(evaluated.outputs["results"]).read_text(encoding="utf-8"))
             scores.setdefault(variant, []).append(summary_scores(res))
-    return write_ablation(out, cfg, scores)
+            trained_runs[tag] = trained
+    return write_ablation(out, cfg, scores, health=training_rows(trained_runs))
 
 
 def aggregate(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -185,7 +187,14 @@ def _seeds(cfg: AblationConfig) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
-def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[str, float]]]) -> Path:
+def write_ablation(
+    out: Path,
+    cfg: AblationConfig,
+    scores: dict[str, list[dict[str, float]]],
+    health: tuple[list[str], list[list[str]]] | None = None,
+) -> Path:
+    """Write ablation.json, ablation.md (scores, then ``health``: the training-health table of
+    :func:`moon.demo.report.training_rows`, one row per run) and ablation.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,6 +217,18 @@ def write_ablation(out: Path, cfg: AblationConfig, scores: dict[str, list[dict[s
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" if m in row else "–" for m in metrics]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Expected from the paper: " + "; ".join(f"{k} hurts {v}" for k, v in EXPECTED.items()) + "."]
+    if health and health[1]:
+        collapsed = sum(r[-1] == "collapsed" for r in health[1])
+        lines += [
+            "",
+            "## Training health",
+            "",
+            f"{collapsed} of {len(health[1])} runs ended collapsed (product cosine ≥ 0.99: every product gets almost the "
+            "same vector, loss at chance). Differences between collapsed variants are noise, not the ablated idea; "
+            "see docs/training.md.",
+            "",
+            markdown_table(*health),
+        ]
     (out / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) + 2), 4))
     x = np.arange(len(metrics))
