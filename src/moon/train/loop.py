@@ -203,9 +203,11 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     if resume and latest is not None:
         start, path = latest
         model_sd, trainer_sd, rng = ckpt.read_checkpoint(path, ctx.rank)
-        if trainer_sd.get("strategy", "ddp") != ("fsdp" if fsdp else "ddp"):
+        written, now = trainer_sd.get("strategy", "ddp"), "fsdp" if fsdp else "ddp"
+        if written != now:
             raise ConfigError(
-                f"{path}: written by a {trainer_sd.get('strategy', 'ddp')} run; resume it with the same run.strategy and process count"
+                f"{path}: written by a {written} run, resumed as {now} (run.strategy {config.run.strategy} on "
+                f"{ctx.world_size} process(es)); DDP and FSDP checkpoints store the optimizer differently"
             )
         if fsdp:
             from moon.train.fsdp import load_full_states
