@@ -104,7 +104,7 @@ def test_training_rows_tell_learning_chance_and_collapse_apart(tmp_path):
         final = tmp_path / name / "final"
         final.mkdir(parents=True)
         lines = []
-        for i, (loss, cos) in enumerate(zip(losses, cosines)):
+        for i, (loss, cos) in enumerate(zip(losses, cosines, strict=True)):
             rec = {"step": i + 1, "loss": loss, "negatives_per_query": 31.0}
             if cos is not None:
                 rec["product_cosine"] = cos
