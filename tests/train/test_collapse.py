@@ -64,5 +64,20 @@ def test_training_logs_product_cosine(tmp_path):
     train(cfg)
     records = read_metrics(tmp_path / "run")
     assert len(records) == 2
-    for r in records:
-        assert -1.0 <= r["product_cosine"] <= 1.0
+
+    # step 1 logs the cosine of batch 0's purchased products under the untrained (seeded) toy
+    from toy_embedder import make_toy
+
+    from moon.train.dataset import open_training_data
+    from moon.train.sampler import BatchSampler
+
+    data = open_training_data(store)
+    sampler = BatchSampler(
+        data.train_queries, data.train_positives, data.catalog, batch_size=4, mix={"text": 1}, seed=cfg.run.seed
+    )
+    toy = make_toy()
+    products = [data.catalog.products[e.positive] for e in sampler.batch(0)]
+    with torch.no_grad():
+        expected = mean_pairwise_cosine(toy(toy.collate(toy.build_product_inputs(products))))
+    assert records[0]["product_cosine"] == pytest.approx(expected, abs=1e-6)
+    assert records[1]["product_cosine"] != pytest.approx(expected, abs=1e-6)  # step 2: other products, new weights
