@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from moon.errors import ConfigError
 from moon.train import checkpoints as ckpt
-from moon.train.collapse import CollapseWatch
+from moon.train.collapse import CollapseWatch, chance_loss
 from moon.train.config import TrainConfig, config_from_dict, validate_config
 from moon.train.dataset import open_training_data
 from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
@@ -260,6 +260,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                 "contrastive": result.contrastive,
                 "aux": result.aux,
                 "negatives_per_query": result.negatives_per_query,
+                "chance_loss": chance_loss(result.negatives_per_query),  # the loss of equal scores
                 "lr": lr,
                 "temperature": loss_mod.temperature,
                 "samples_per_s": result.n_queries / elapsed if elapsed > 0 else 0.0,
@@ -288,7 +289,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
-                collapse.update(done, result.product_cosine)
+                collapse.update(done, result.product_cosine, result.contrastive, record["chance_loss"])
             last = record
             bar.update(1)
             bar.set_postfix(
