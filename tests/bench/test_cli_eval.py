@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -113,3 +114,12 @@ def test_usage_errors(tmp_path):
     assert res.exit_code != 0 and "--data" in res.output
     res = CliRunner().invoke(cli, ["eval", "compare", str(tmp_path), "--out", str(tmp_path / "x.md")])
     assert res.exit_code != 0 and "results.json" in str(res.exception)
+
+
+def test_eval_progress_in_a_log_is_plain_lines(store_dir, monkeypatch):
+    monkeypatch.delenv("MOON_PROGRESS", raising=False)  # auto: CliRunner's stderr is not a terminal
+    res = CliRunner().invoke(cli, ["eval", "--model", "random", "--data", str(store_dir), "--no-cache"])
+    assert res.exit_code == 0, res.output
+    done = re.search(r"^eval tasks: (\d+)/(\d+) done in ", res.stderr, re.M)
+    assert done and done.group(1) == done.group(2) and int(done.group(1)) > 5
+    assert "\r" not in res.stderr and "\x1b" not in res.stderr

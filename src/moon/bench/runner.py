@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.bench.cache import EmbeddingCache, records_hash
 from moon.bench.metrics import classification_metrics, recall_curve, retrieval_metrics
 from moon.bench.search import exact_search
@@ -330,13 +330,15 @@ def evaluate(
     ctx = _Context(store, split, encoder, max_queries, seed)
     specs = select_tasks(available_tasks(ctx.products), tasks)
     results = []
-    bar = tqdm(specs, desc="tasks", disable=not show_progress, unit="task")
-    for spec in bar:
-        bar.set_postfix_str(spec.name)
-        if spec.kind == "retrieval":
-            results.append(_retrieval(spec, ctx, top_k))
-        else:
-            results.append(_classification(spec, ctx, top_k))
+    # one summary for the whole evaluation: a warning per record (truncation …) is counted, not repeated
+    with progress.bar(len(specs), "eval tasks", enabled=show_progress, unit="task") as bar:
+        for spec in specs:
+            bar.set_postfix_str(spec.name)
+            if spec.kind == "retrieval":
+                results.append(_retrieval(spec, ctx, top_k))
+            else:
+                results.append(_classification(spec, ctx, top_k))
+            bar.update(1)
     return EvalResult(
         model=embedder.name, split=split, data=str(store.root), tasks=results, fingerprint=encoder.fingerprint
     )

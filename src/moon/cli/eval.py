@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -113,7 +112,7 @@ def eval_cmd(
         batch_size=batch_size,
         cache=cache,
         max_queries=max_queries,
-        show_progress=sys.stderr.isatty(),
+        show_progress=True,  # a bar in a terminal, a line per 10 % in a log (moon.progress)
     )
     data_json = result.to_json()
     if out:

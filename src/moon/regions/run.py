@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.data import Box, ProductStore, image_sha1, load_image
 from moon.data.store import replace_boxes
 from moon.errors import DataError
@@ -111,50 +111,52 @@ def run_detection(
     todo = [s for s in samples if s.image not in done]
     part_index = len(list(pdir.glob("part-*.parquet")))
     buffer: list[dict] = []
-    bar = tqdm(total=len(samples), initial=report.resumed, desc=f"detect {name}", unit="img", disable=not show_progress)
-    for i, s in enumerate(todo):
-        row = {
-            "image": s.image,
-            "x0": None,
-            "y0": None,
-            "x1": None,
-            "y1": None,
-            "score": None,
-            "crop": None,
-            "kind": s.kind,
-            "error": None,
-        }
-        try:
-            path = store.path(s.image)
-            image = load_image(path)
-            key = crop_key(image_sha1(path), detector.fingerprint(), policy)
-            entry = cache.get(key)
-            if entry is None:
-                dets = detector.detect(image, s.title)
-                det = dets[0] if dets else None
-                box = clamp_box(det.box, image.size) if det else None
-                score = det.score if det and box else 0.0
-                box = box or full_image_box(image.size)
-                crop_box = policy.choose(dets, image.size)
-                entry = cache.put(key, box, score, crop_box, crop_image(image, crop_box) if crop_box else None)
-            else:
-                report.cache_hits += 1
-            row.update(zip(("x0", "y0", "x1", "y1"), entry.box, strict=True))
-            row["score"] = entry.score
-            row["crop"] = entry.crop_path.relative_to(root).as_posix() if entry.crop_path else None
-        except DataError as exc:  # unreadable image or a path outside the store
-            row["error"] = getattr(exc, "reason", None) or str(exc)
-        buffer.append(row)
-        bar.update(1)
-        if len(buffer) >= chunk_size:
+    bar = progress.bar(len(samples), f"detect {name}", enabled=show_progress, unit="img", initial=report.resumed)
+    try:
+        for i, s in enumerate(todo):
+            row = {
+                "image": s.image,
+                "x0": None,
+                "y0": None,
+                "x1": None,
+                "y1": None,
+                "score": None,
+                "crop": None,
+                "kind": s.kind,
+                "error": None,
+            }
+            try:
+                path = store.path(s.image)
+                image = load_image(path)
+                key = crop_key(image_sha1(path), detector.fingerprint(), policy)
+                entry = cache.get(key)
+                if entry is None:
+                    dets = detector.detect(image, s.title)
+                    det = dets[0] if dets else None
+                    box = clamp_box(det.box, image.size) if det else None
+                    score = det.score if det and box else 0.0
+                    box = box or full_image_box(image.size)
+                    crop_box = policy.choose(dets, image.size)
+                    entry = cache.put(key, box, score, crop_box, crop_image(image, crop_box) if crop_box else None)
+                else:
+                    report.cache_hits += 1
+                row.update(zip(("x0", "y0", "x1", "y1"), entry.box, strict=True))
+                row["score"] = entry.score
+                row["crop"] = entry.crop_path.relative_to(root).as_posix() if entry.crop_path else None
+            except DataError as exc:  # unreadable image or a path outside the store
+                row["error"] = getattr(exc, "reason", None) or str(exc)
+            buffer.append(row)
+            bar.update(1)
+            if len(buffer) >= chunk_size:
+                _write_part(pdir, part_index, buffer)
+                part_index += 1
+                buffer = []
+            if on_image is not None:
+                on_image(i, s.image)
+        if buffer:
             _write_part(pdir, part_index, buffer)
-            part_index += 1
-            buffer = []
-        if on_image is not None:
-            on_image(i, s.image)
-    if buffer:
-        _write_part(pdir, part_index, buffer)
-    bar.close()
+    finally:
+        bar.close()  # its last line, and the summary of warnings raised meanwhile
 
     results = {r["image"]: r for r in _read_parts(pdir)}
     boxes = []
