@@ -136,3 +136,11 @@ def test_error_filter_raises_inside_and_out_of_order_close_restores_showwarning(
     assert [str(w.message) for w in shown] == [
         'b: 2 Truncations like "p0: text has 100 tokens > max_text_tokens=64; shortened"'
     ]
+
+
+def test_a_bar_dropped_unclosed_stops_collecting():
+    before = warnings.showwarning
+    b = bar(5, "interrupted", enabled=False)
+    assert warnings.showwarning is not before
+    del b
+    assert warnings.showwarning is before

@@ -253,6 +253,10 @@ class _WithWarnings:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def __del__(self) -> None:  # a display dropped unclosed (an exception): do not leave showwarning patched
+        with contextlib.suppress(Exception):
+            self._summary.close()
+
 
 def bar(
     total: int | None,
