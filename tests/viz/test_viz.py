@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from moon.viz import overlay_heatmap, plot_embedding_map, plot_routing_map, project_2d, retrieval_gallery_html
@@ -42,3 +43,65 @@ def test_gallery_marks_hits_and_escapes_titles(tmp_path):
     )
     assert html.count("card hit") == 1 and "&lt;shoe&gt;" in html and "A &amp; B" in html
     assert "data:image/jpeg;base64," in html
+
+
+def test_fit_y_scales_to_the_data_and_goes_log_over_a_wide_span():
+    from moon.viz import fit_y
+
+    near_zero = fit_y([0.0, 0.01, 0.02, 0.9])
+    assert near_zero.kind == "log" and near_zero.bottom == 0.005 and near_zero.top == 1.05
+    assert near_zero.place([0.0, 0.5]) == [0.005, 0.5]  # a 0 sits on the bottom edge, drawable
+    low = fit_y([0.02, 0.04, 0.05])
+    assert low.kind == "linear" and (low.bottom, low.top) == (0.0, pytest.approx(0.0625))
+    assert fit_y([0.0, float("nan")]).top == 0.05
+    assert fit_y([0.01, 0.9], log=False).kind == "linear"
+
+
+def test_legend_below_covers_no_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moon.viz import legend_below
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4), squeeze=False)
+    for ax in axes[0]:
+        for i in range(5):
+            ax.plot([1, 5, 10], [1.0, 1.0, 1.0 - 0.01 * i], label=f"model {i} with a long name")  # lines at the top
+    legend = legend_below(fig, *axes[0][0].get_legend_handles_labels())
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    for ax in axes[0]:
+        assert not box.overlaps(ax.get_tightbbox(fig.canvas.get_renderer()))
+    assert box.y0 >= 0  # inside the figure
+    plt.close(fig)
+
+
+def test_heatmaps_share_one_colour_scale_with_a_colour_bar(tmp_path):
+    from moon.viz import plot_heatmaps
+
+    img = Image.new("RGB", (64, 64), (128, 128, 128))
+    cold = np.zeros((4, 4))
+    hot = np.ones((4, 4))
+    out = plot_heatmaps([(img, cold, "cold"), (img, hot, "hot")], tmp_path / "h.png", cols=2)
+    px = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # the colour bar: a column right of the panels running from red (top) to blue (bottom)
+    strip = px[:, int(px.shape[1] * 0.925)]
+    assert any(r > 150 and b < 100 for r, _, b in strip) and any(b > 150 and r < 100 for r, _, b in strip)
+    h, w = px.shape[:2]
+    left = px[h // 2, int(w * 0.2)]
+    right = px[h // 2, int(w * 0.6)]
+    assert left[2] > left[0] and right[0] > right[2]  # a 0 map stays blue, a 1 map red: no per-image stretch
+    with pytest.raises(ValueError):
+        plot_heatmaps([], tmp_path / "none.png")
+
+
+def test_gallery_shows_the_purchased_product_and_a_note(tmp_path):
+    p = tmp_path / "x.png"
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(p)
+    row = GalleryRow(
+        "red shoe", None, "q1", [(p, "A", None, False)], purchased=[(p, "B", "rank 37")], note="same top 5"
+    )
+    html = retrieval_gallery_html([row])
+    assert "card bought" in html and "purchased · rank 37" in html and "same top 5" in html and "card hit" not in html
