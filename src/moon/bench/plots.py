@@ -4,6 +4,9 @@
 * ``level_accuracy.png``      accuracy and macro-F1 bars per category level;
 * ``attribute_confusion.png`` one confusion matrix per attribute task (most frequent values);
 * :func:`plot_comparison`     main scores of several models, grouped bars per task.
+
+Every y-axis is scaled to its data (log when the values span ≥ 20×), and legends sit under the
+axes, where they cover nothing.
 """
 
 from __future__ import annotations
@@ -21,29 +24,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moon.bench.runner import EvalResult, TaskResult  # noqa: E402
+from moon.viz.axes import fit_y, legend_below  # noqa: E402
 
 MAX_CONFUSION_VALUES = 12
 
 
 def plot_recall_curves(tasks: Sequence[TaskResult], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scale = fit_y([v for t in tasks for v in t.curve.values()])
+    fig, ax = plt.subplots(figsize=(6, 4.4))
     for t in tasks:
         ks = sorted(t.curve)
-        ax.plot(ks, [t.curve[k] for k in ks], marker="o", label=f"{t.spec.name} (n={t.n_queries})")
+        ax.plot(ks, scale.place(t.curve[k] for k in ks), marker="o", label=f"{t.spec.name} (n={t.n_queries})")
     ax.set_xscale("log")
     ax.set_xlabel("k")
-    ax.set_ylabel("Recall@k")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("Recall@k" + (" (log scale; 0 on the bottom edge)" if scale.kind == "log" else ""))
+    scale.apply(ax)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels(), ncol=2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_level_accuracy(tasks: Sequence[TaskResult], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.4))
     x = np.arange(len(tasks))
     acc = [t.metrics["accuracy"] or 0.0 for t in tasks]
     f1 = [t.metrics["macro_f1"] or 0.0 for t in tasks]
@@ -52,10 +56,9 @@ def plot_level_accuracy(tasks: Sequence[TaskResult], path: Path, title: str) -> 
     chance = [1.0 / t.n_candidates if t.n_candidates else 0.0 for t in tasks]
     ax.scatter(x, chance, color="black", marker="_", s=400, label="1 / #labels", zorder=3)
     ax.set_xticks(x, [f"L{t.spec.level}\n({t.n_candidates} labels)" for t in tasks], fontsize=8)
-    ax.set_ylim(0, 1)
+    fit_y(acc + f1 + chance, log=False).apply(ax)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels(), ncol=3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -123,14 +126,15 @@ def plot_comparison(results: Sequence[dict[str, Any]], names: Sequence[str], pat
         tasks += [t for t in r["tasks"] if t not in tasks]
     x = np.arange(len(tasks))
     width = 0.8 / max(len(results), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(tasks) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(tasks) + 2), 4.6))
+    every: list[float] = []
     for i, (r, name) in enumerate(zip(results, names, strict=True)):
         scores = [(r["tasks"].get(t) or {}).get("main_score") or 0.0 for t in tasks]
+        every += scores
         ax.bar(x + (i - (len(results) - 1) / 2) * width, scores, width, label=name)
     ax.set_xticks(x, tasks, rotation=45, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
+    fit_y(every, log=False).apply(ax)
     ax.set_ylabel("main score")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels())
     fig.savefig(path, dpi=110)
     plt.close(fig)
