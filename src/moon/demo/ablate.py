@@ -19,9 +19,10 @@ import numpy as np
 import yaml
 
 from moon.demo.pipeline import DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
-from moon.demo.report import RETRIEVAL, markdown_table, training_rows
+from moon.demo.report import RETRIEVAL, TRAINING_HEALTH_NOTE, markdown_table, training_rows
 from moon.demo.stages import StageRunner
 from moon.errors import ConfigError
+from moon.train.collapse import COSINE_THRESHOLD, PATIENCE
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -223,25 +224,30 @@ def write_ablation(
             "",
             "## Training health",
             "",
-            f"{collapsed} of {len(health[1])} runs ended collapsed (product cosine ≥ 0.99: every product gets almost the "
-            "same vector, loss at chance). Differences between collapsed variants are noise, not the ablated idea; "
-            "see docs/training.md.",
+            f"{collapsed} of {len(health[1])} runs ended collapsed (product cosine ≥ {COSINE_THRESHOLD} for {PATIENCE} "
+            "steps in a row after the warm-up, and still at the end: every product gets almost the same vector). "
+            "Differences between collapsed variants are noise, not the ablated idea; see docs/training.md.",
             "",
             markdown_table(*health),
+            "",
+            TRAINING_HEALTH_NOTE,
         ]
     (out / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) + 2), 4))
+    from moon.viz.axes import fit_y, legend_below
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) + 2), 4.6))
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(table))
+    tops: list[float] = []
     for i, (variant, row) in enumerate(table.items()):
         means = [row.get(m, {}).get("mean", 0.0) for m in metrics]
         stds = [row.get(m, {}).get("std", 0.0) for m in metrics]
+        tops += [a + b for a, b in zip(means, stds, strict=True)]
         ax.bar(x + (i - (len(table) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=variant)
     ax.set_xticks(x, metrics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    fit_y(tops, log=False).apply(ax)
     ax.set_title(f"Ablations of {cfg.spec} (mean ± std over {_seeds(cfg)})")
-    fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels(), ncol=min(5, len(table)))
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
     return out / "ablation.md"

@@ -164,7 +164,7 @@ def _run_demo(out_dir: str | os.PathLike, cfg: DemoConfig | None, log: Callable[
             model_stage = [trained[run.name]]
         evaluated[run.name] = runner.run(
             f"eval-{slug}",
-            {"run": asdict(run), "max_queries": cfg.eval_max_queries},
+            {"run": asdict(run), "max_queries": cfg.eval_max_queries, "scores": "best-by-validation"},
             lambda d, run=run: _evaluate(d, run, cfg, store_dir, trained.get(run.name)),
             after=model_stage + [detector],
         )
@@ -209,13 +209,47 @@ def _detector(stage_dir: Path, store_dir: str, cfg: DemoConfig) -> dict[str, Any
     }
 
 
+def scored_checkpoint(run_dir: str | os.PathLike, steps: int | None = None) -> dict[str, Any]:
+    """Which checkpoint of a finished run the demo scores: ``best/`` (the best validation
+    Recall@10) when validation ran, else ``final/``. Returns ``{"name", "path", "steps", "step",
+    "val_recall@10", "val_hit@10"?, "final_val_step", "final_val_recall@10", "why"?}``."""
+    from moon.train.metrics_log import read_metrics
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    steps = steps if steps is not None else max((int(r.get("step", 0)) for r in records), default=None)
+    info: dict[str, Any] = {"steps": steps}
+    vals = [r for r in records if r.get("val_recall@10") is not None]
+    if vals:
+        info["final_val_step"], info["final_val_recall@10"] = vals[-1]["step"], vals[-1]["val_recall@10"]
+    best_json = run_dir / "best.json"
+    if (run_dir / "best").is_dir() and best_json.is_file():
+        meta = json.loads(best_json.read_text(encoding="utf-8"))
+        at = next((r for r in vals if r.get("step") == meta.get("step")), {})
+        info.update(name="best", path=str(run_dir / "best"), step=meta.get("step"))
+        info["val_recall@10"] = meta.get("val_recall@10", at.get("val_recall@10"))
+        if at.get("val_hit@10") is not None or meta.get("val_hit@10") is not None:
+            info["val_hit@10"] = meta.get("val_hit@10", at.get("val_hit@10"))
+    else:
+        info.update(name="final", path=str(run_dir / "final"), step=steps)
+        info["why"] = "no validation score (no val queries, or run.val_every 0), so there is no best/"
+    return info
+
+
 def _train(stage_dir: Path, run: ModelRun, cfg: DemoConfig, store_dir: str) -> dict[str, Any]:
     from moon.train import train
 
     config = train_config_for(run, cfg, store_dir, str(stage_dir / "run"))
     summary = train(config)
-    final = Path(summary["run_dir"]) / "final"
-    return {"model": str(final), "summary": _jsonable(summary)}
+    run_dir = Path(summary["run_dir"])
+    chosen = scored_checkpoint(run_dir, config.optim.steps)
+    return {
+        "model": chosen["path"],  # what evaluation scores
+        "run": str(run_dir),
+        "final": str(run_dir / "final"),
+        "checkpoint": chosen,
+        "summary": _jsonable(summary),
+    }
 
 
 def _evaluate(
@@ -227,7 +261,14 @@ def _evaluate(
     from moon.data import ProductStore
     from moon.embedders import load_embedder
 
-    spec = trained.outputs["model"] if trained is not None else run.spec
+    checkpoint = None
+    if trained is not None:
+        checkpoint = trained.outputs.get("checkpoint")
+        if checkpoint is None:  # a train stage cached before the best/ hand-off: choose now
+            checkpoint = scored_checkpoint(Path(trained.outputs["model"]).parent)
+        spec = checkpoint["path"]
+    else:
+        spec = run.spec
     embedder = load_embedder(spec)
     store = ProductStore(store_dir, crop_source="learned" if run.crops else None)
     result = evaluate(
@@ -241,7 +282,7 @@ def _evaluate(
         show_progress=True,
     )
     write_results(result, stage_dir)
-    return {"results": str(stage_dir / "results.json"), "model": spec, "crops": run.crops}
+    return {"results": str(stage_dir / "results.json"), "model": spec, "crops": run.crops, "checkpoint": checkpoint}
 
 
 def _jsonable(obj: Any) -> Any:
