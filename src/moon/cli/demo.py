@@ -22,7 +22,8 @@ def demo(out: str, quick: bool, products: int | None, steps: int | None, seed: i
 
     Stages: generate the product world → train the learned detector and crop every image → train
     MOON (moon-small) and the baselines (dual-encoder, pretrained-towers) on equal budgets →
-    evaluate everything (plus the random floor) → DIR/report.md and DIR/report.html.
+    evaluate everything (each trained model's best checkpoint by validation, plus the random
+    floor) → DIR/report.md and DIR/report.html.
     Re-running reuses finished stages.
     """
     from moon.demo import DemoConfig, run_demo
