@@ -105,3 +105,18 @@ def test_gallery_shows_the_purchased_product_and_a_note(tmp_path):
     )
     html = retrieval_gallery_html([row])
     assert "card bought" in html and "purchased · rank 37" in html and "same top 5" in html and "card hit" not in html
+
+
+def test_heatmap_titles_in_chinese_find_a_font(tmp_path):
+    import warnings
+
+    from moon.viz import plot_heatmaps
+    from moon.viz.axes import text_fonts
+
+    if len(text_fonts()) < 2:
+        pytest.skip("no CJK font installed (fonts-wqy-zenhei)")
+    img = Image.new("RGB", (32, 32), (128, 128, 128))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_heatmaps([(img, np.zeros((2, 2)), "爆款 sporty purple mallet")], tmp_path / "h.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)]

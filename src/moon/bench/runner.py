@@ -339,6 +339,7 @@ def evaluate(
             else:
                 results.append(_classification(spec, ctx, top_k))
             bar.update(1)
+        bar.set_postfix_str("")
     return EvalResult(
         model=embedder.name, split=split, data=str(store.root), tasks=results, fingerprint=encoder.fingerprint
     )

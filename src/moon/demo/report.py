@@ -156,8 +156,8 @@ def plot_training(trained: dict[str, Any], path: Path) -> Path | None:
         if h.collapsed_at is not None:
             for ax in (top, bottom):
                 ax.axvline(h.collapsed_at, color="#d62728", lw=1)
-            top.annotate(f"collapsed at {h.collapsed_at}", (h.collapsed_at, 1.0), xycoords=("data", "axes fraction"),
-                         fontsize=7, color="#d62728", ha="left", va="top", xytext=(3, -3), textcoords="offset points")  # fmt: skip
+            bottom.annotate(f"collapsed at step {h.collapsed_at}", (h.collapsed_at, 0.0), xycoords=("data", "axes fraction"),
+                            fontsize=7, color="#d62728", ha="left", va="bottom", xytext=(3, 3), textcoords="offset points")  # fmt: skip
         low = min(c for _, c in cos) if cos else 0.0
         bottom.set_ylim(min(low, COSINE_THRESHOLD) - 0.02 * (1 - min(low, 0.9)) - 0.005, 1.002)
         bottom.set_xlabel("step", fontsize=8)
@@ -370,7 +370,7 @@ def _model_pictures(model_dir: str, store_dir: str, out: Path) -> dict[str, Any]
         emb.routing_stats(reset=True)
     vecs = emb.encode_products(sample, batch_size=16, show_progress=True)
     labels = [" > ".join(p.category[:2]) if p.category else "?" for p in sample]
-    what = "all" if len(sample) == len(products) else f"a random {len(sample)} of the"
+    what = "All" if len(sample) == len(products) else f"A random {len(sample)} of the"
     pics["embedding_map_caption"] = (
         f"{what} {len(products)} products of the store (every split; the catalogue is shared), t-SNE of their "
         "vectors, coloured by the first two category levels (the 12 most common; the rest grey)."

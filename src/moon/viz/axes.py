@@ -75,3 +75,17 @@ def legend_below(fig: Any, handles: Sequence[Any], labels: Sequence[str], *, nco
     )
     fig.tight_layout(rect=(0, strip, 1, 1))
     return legend
+
+
+#: fonts tried after matplotlib's default for glyphs it lacks (product titles mix in Chinese);
+#: WenQuanYi Zen Hei comes with the Debian package fonts-wqy-zenhei that `make` installs
+CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Droid Sans Fallback")
+
+
+def text_fonts() -> list[str]:
+    """``font.family`` for text that may hold CJK characters: DejaVu Sans, then the installed CJK
+    fonts of :data:`CJK_FONTS` (none installed: DejaVu Sans alone, and such glyphs show as boxes)."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans"] + [name for name in CJK_FONTS if name in installed]

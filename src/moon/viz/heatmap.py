@@ -47,6 +47,16 @@ def plot_heatmaps(
 
     if not panels:
         raise ValueError("no heat maps to plot")
+    from moon.viz.axes import text_fonts
+
+    with plt.rc_context({"font.family": text_fonts()}):
+        return _plot_heatmaps(panels, out_png, cols, alpha, scale_label, cmap)
+
+
+def _plot_heatmaps(panels, out_png, cols, alpha, scale_label, cmap) -> str:  # noqa: ANN001
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     cols = max(1, min(cols, len(panels)))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.9, 2.9 * rows), squeeze=False)
