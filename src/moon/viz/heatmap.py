@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -49,8 +50,15 @@ def plot_heatmaps(
         raise ValueError("no heat maps to plot")
     from moon.viz.axes import text_fonts
 
-    with plt.rc_context({"font.family": text_fonts()}):
-        return _plot_heatmaps(panels, out_png, cols, alpha, scale_label, cmap)
+    # WenQuanYi ships weight "Book" (500): matplotlib logs a "findfont: … now using 500" per use
+    quiet = logging.getLogger("matplotlib.font_manager")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with plt.rc_context({"font.family": text_fonts()}):
+            return _plot_heatmaps(panels, out_png, cols, alpha, scale_label, cmap)
+    finally:
+        quiet.setLevel(level)
 
 
 def _plot_heatmaps(panels, out_png, cols, alpha, scale_label, cmap) -> str:  # noqa: ANN001
