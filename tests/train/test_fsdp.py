@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 HERE = Path(__file__).parent
 STEPS = 3
+LR, WEIGHT_DECAY = 1e-3, 0.01
 
 
 def _free_port() -> int:
@@ -37,7 +38,7 @@ def _config(store: Path, out: Path, steps: int = STEPS, strategy: str = "fsdp"):
             "model": {"spec": "moon-tiny", "overrides": {"max_images": 1, "max_text_tokens": 32}},
             "data": {"dir": str(store)},
             "negatives": {"hard": 1, "queue_size": 8, "queue_max_age": 2},
-            "optim": {"steps": steps, "batch_size": 4, "warmup_steps": 0, "lr": 1e-3},
+            "optim": {"steps": steps, "batch_size": 4, "warmup_steps": 0, "lr": LR, "weight_decay": WEIGHT_DECAY},
             "run": {
                 "out": str(out),
                 "strategy": strategy,
@@ -82,9 +83,24 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to what float32 arithmetic allows, on any CPU.
+
+    The two runs do the same maths with sums in another order (reduce-scatter + all-gather vs
+    all-reduce; a CPU's SIMD width changes the order again), so gradients differ by rounding. For
+    most tensors that is ~1e-7 relative, but a gradient that nearly cancels has a rounding error as
+    large as itself: the softmax ignores a bias added to every key, so ``k_proj.bias`` only gets
+    what RoPE leaves over. AdamW divides each gradient by its own running size, so any gradient,
+    however imprecise, moves a weight by up to about ``lr`` per step; the only bound that holds on
+    every machine is that travel. ``atol`` is 1 % of it (0.01 * lr * steps = 3e-5; measured worst:
+    ``k_proj.bias``, ~5e-7 on AVX-512, ~1.2e-6 on another AVX-512 EPYC): a real sharding bug -- a
+    gradient not reduced, a shard not updated, a step skipped -- moves weights by O(lr), 100x more.
+    ``rtol``: an expert that got no token has no gradient under FSDP (AdamW skips it) but a zero
+    one under DDP (AdamW decays it), a relative difference of at most weight_decay * lr * steps.
+    """
+    atol, rtol = 0.01 * LR * STEPS, 2 * WEIGHT_DECAY * LR * STEPS
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, float((a[k] - b[k]).abs().max()))
 
 
 @pytest.mark.slow
