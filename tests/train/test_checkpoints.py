@@ -20,7 +20,7 @@ def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 15]
     # a crash mid-write leaves only a .tmp directory (and maybe a partial file): not a checkpoint
     tmp = ckpt.begin_checkpoint(tmp_path, 20)
-    (tmp / "model.pt").write_bytes(b"\x80partial")
+    (tmp / "model.safetensors").write_bytes(b"\x80partial")
     assert ckpt.latest_checkpoint(tmp_path)[0] == 15
     model, trainer, rng = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path)[1], rank=0)
     assert model["w"].item() == 15.0 and trainer["step"] == 15

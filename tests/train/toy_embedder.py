@@ -87,7 +87,9 @@ class ToyEmbedder(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "embedder.json").write_text(json.dumps({"family": "toy", **self.config}))
-        torch.save(self.state_dict(), d / "toy.pt")
+        from safetensors.torch import save_file
+
+        save_file(self.state_dict(), str(d / "toy.safetensors"))
 
 
 def make_toy(**overrides: Any) -> ToyEmbedder:

@@ -2,7 +2,7 @@
 
 A config has six sections (see ``configs/*.yaml`` and ``docs/training.md``)::
 
-    model:     spec, overrides, lora, freeze_vision, gradient_checkpointing
+    model:     spec, overrides, lora, freeze_vision, freeze_lower_layers, gradient_checkpointing
     data:      dir, crop_source, modality_mix, val_max_queries
     negatives: in_batch, hard, spatial, queue_size, queue_max_age, guard
     loss:      temperature, learn_temperature, symmetric, aux_weight
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -50,6 +51,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     lora: LoraConfig | None = None
     freeze_vision: bool = False
+    freeze_lower_layers: int = 0  # token embeddings + the first N decoder layers get no gradient
     gradient_checkpointing: bool = False
 
 
@@ -191,11 +193,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if inner is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if inner is str:
@@ -262,6 +266,9 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"override {text[:40]!r}…: value nested too deeply") from exc
+    parsed = _fix_yaml_floats(parsed) if isinstance(parsed, (dict, list)) else parsed
     if isinstance(parsed, str) and "e" in parsed.lower():  # YAML 1.1 reads 3e-4 as a string
         try:
             parsed = float(parsed)
@@ -275,12 +282,22 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
-def _fix_yaml_floats(obj: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string; turn such strings back into floats."""
+# a config is a few hundred values; YAML aliases can make a small file expand to billions
+MAX_CONFIG_VALUES = 100_000
+
+
+def _fix_yaml_floats(obj: Any, budget: list[int] | None = None) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; turn such strings back into floats.
+
+    Raises :class:`ConfigError` past :data:`MAX_CONFIG_VALUES` values (an alias bomb)."""
+    budget = budget if budget is not None else [MAX_CONFIG_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)")
     if isinstance(obj, dict):
-        return {k: _fix_yaml_floats(v) for k, v in obj.items()}
+        return {k: _fix_yaml_floats(v, budget) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_fix_yaml_floats(v) for v in obj]
+        return [_fix_yaml_floats(v, budget) for v in obj]
     if isinstance(obj, str):
         try:
             if any(c in obj.lower() for c in "e") and obj.strip()[0] in "0123456789.-+":
@@ -290,14 +307,35 @@ def _fix_yaml_floats(obj: Any) -> Any:
     return obj
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's sections (``yaml.safe_load``: plain data, never objects).
+
+    Raises :class:`ConfigError` for a missing, oversized, non-UTF-8, invalid or too deeply nested file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"
+        ) from exc
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from exc
     return _normalise(_fix_yaml_floats(raw), str(p))
 
 
@@ -340,12 +378,28 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# upper bounds: far above every recipe (the 3B one: batch 1024, queue 65,536), low enough that a
+# typo (optim.batch_size=1e20) is refused instead of allocating or looping forever.
+MAX_STEPS = 10**8 - 1  # checkpoint directories are named step-XXXXXXXX (8 digits)
+MAX_BATCH = 1 << 20
+MAX_QUEUE = 1 << 22
+MAX_HARD = 1024
+MAX_SEED = 2**32 - 1
+
+
+def _range(value: int | None, low: int, high: int, name: str, *, empty: str = "") -> None:
+    if value is None:
+        return
+    _check(low <= value <= high, f"{name}: must be in [{low:,}, {high:,}]{empty}, got {value:,}")
+
+
 def validate_config(config: TrainConfig, *, check_paths: bool = False) -> None:
     """Range and consistency checks; with ``check_paths`` also that the data directory is a store."""
     m, d, n, lo, o, r = config.model, config.data, config.negatives, config.loss, config.optim, config.run
     _check(bool(m.spec.strip()), "model.spec: must name a model (moon-tiny, moon-small, dual-encoder, a directory …)")
+    _check(m.freeze_lower_layers >= 0, f"model.freeze_lower_layers: must be >= 0, got {m.freeze_lower_layers}")
     if m.lora is not None:
-        _check(m.lora.r > 0, f"model.lora.r: must be > 0, got {m.lora.r}")
+        _range(m.lora.r, 1, 65536, "model.lora.r")
         _check(m.lora.alpha > 0, f"model.lora.alpha: must be > 0, got {m.lora.alpha}")
         _check(0.0 <= m.lora.dropout < 1.0, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
     unknown = sorted(set(d.modality_mix) - set(MODALITIES))
@@ -362,22 +416,23 @@ def validate_config(config: TrainConfig, *, check_paths: bool = False) -> None:
         f"data.crop_source: unknown source {d.crop_source!r}",
     )
     _check(d.val_max_queries > 0, f"data.val_max_queries: must be > 0, got {d.val_max_queries}")
-    _check(n.hard >= 0, f"negatives.hard: must be >= 0, got {n.hard}")
-    _check(n.queue_size >= 0, f"negatives.queue_size: must be >= 0, got {n.queue_size}")
+    _range(n.hard, 0, MAX_HARD, "negatives.hard")
+    _range(n.queue_size, 0, MAX_QUEUE, "negatives.queue_size")
     _check(n.queue_max_age >= 0, f"negatives.queue_max_age: must be >= 0, got {n.queue_max_age}")
     _check(lo.temperature > 0, f"loss.temperature: must be > 0, got {lo.temperature}")
     _check(lo.aux_weight >= 0, f"loss.aux_weight: must be >= 0, got {lo.aux_weight}")
-    _check(o.steps > 0, f"optim.steps: must be > 0, got {o.steps}")
-    _check(o.batch_size > 0, f"optim.batch_size: must be > 0, got {o.batch_size}")
-    _check(o.chunk_size is None or o.chunk_size > 0, f"optim.chunk_size: must be > 0 or empty, got {o.chunk_size}")
+    _range(o.steps, 1, MAX_STEPS, "optim.steps")
+    _range(o.batch_size, 1, MAX_BATCH, "optim.batch_size")
+    _range(o.chunk_size, 1, MAX_BATCH, "optim.chunk_size", empty=" or empty")
     _check(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
-    _check(o.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    _range(o.warmup_steps, 0, MAX_STEPS, "optim.warmup_steps")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip: must be > 0 or empty, got {o.grad_clip}")
     _check(r.device in ("auto", "cpu", "cuda"), f"run.device: must be auto, cpu or cuda, got {r.device!r}")
     _check(r.precision in ("auto", "fp32", "bf16"), f"run.precision: must be auto, fp32 or bf16, got {r.precision!r}")
     _check(r.strategy in ("ddp", "fsdp"), f"run.strategy: must be ddp or fsdp, got {r.strategy!r}")
+    _range(r.seed, 0, MAX_SEED, "run.seed")
     _check(r.log_every > 0, f"run.log_every: must be > 0, got {r.log_every}")
     _check(r.val_every >= 0, f"run.val_every: must be >= 0 (0 = off), got {r.val_every}")
     _check(r.ckpt_every >= 0, f"run.ckpt_every: must be >= 0 (0 = only at the end), got {r.ckpt_every}")

@@ -3,33 +3,38 @@
 Run directory::
 
     RUN/config.yaml        the resolved config
-    RUN/metrics.jsonl      one JSON object per logged step (step, loss, …, val_recall@10)
+    RUN/metrics.jsonl      one JSON object per logged step (step, loss, …, val_hit@10, val_recall@10)
     RUN/tb/                TensorBoard scalars
     RUN/checkpoints/       step-XXXXXXXX/ (see moon.train.checkpoints), the last K kept
-    RUN/best/              the embedder with the best val Recall@10 (save_pretrained format)
+    RUN/best/              the embedder with the best val_recall@10 (save_pretrained format)
+    RUN/best.json          {"step", "val_hit@10", "val_recall@10"} of best/
     RUN/final/             the embedder after the last step
+
+Validation logs two scores (moon.train.validation): ``val_hit@10``, the fraction of val queries with a
+purchase in the top 10, and ``val_recall@10``, the fraction of purchases found (moon.bench's recall@10).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from moon.errors import ConfigError
 from moon.train import checkpoints as ckpt
 from moon.train.collapse import CollapseWatch, chance_loss
-from moon.train.config import TrainConfig, config_from_dict, validate_config
+from moon.train.config import TrainConfig, config_from_dict, read_yaml, validate_config
 from moon.train.dataset import open_training_data
 from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
 from moon.train.losses import ContrastiveLoss
@@ -40,7 +45,7 @@ from moon.train.negatives import NegativeSettings
 from moon.train.optim import build_optimizer, build_scheduler
 from moon.train.sampler import BatchSampler
 from moon.train.step import ContrastiveStep
-from moon.train.validation import embed_items, recall_at_k
+from moon.train.validation import RECALL_KEY, embed_items, hit_and_recall_at_k
 
 # settings a resumed run may change; anything else must match the checkpointed config
 _RESUME_MAY_CHANGE = {"run", "optim.steps"}
@@ -73,7 +78,8 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 class Validator:
-    """Recall@10 on (at most ``max_queries``) val queries; product inputs are built once."""
+    """``{"val_hit@10", "val_recall@10"}`` of (at most ``max_queries``) val queries, or ``None``
+    when none can be scored; product inputs are built once."""
 
     def __init__(self, model: Any, data: Any, max_queries: int, autocast: Callable[[], Any]):
         self.queries = sorted(data.val_queries, key=lambda q: q.id)[:max_queries]
@@ -84,7 +90,7 @@ class Validator:
         self._query_items: list[Any] | None = None
         self.model = model
 
-    def __call__(self) -> float | None:
+    def __call__(self) -> dict[str, float] | None:
         if not self.queries:
             return None
         if self._product_items is None:
@@ -104,7 +110,7 @@ class Validator:
         q = embed_items(self.model, self._query_items, autocast=self.autocast)
         index = {str(x.id): i for i, x in enumerate(self.products)}
         relevant = [{index[pid] for pid in self.positives.get(x.id, ()) if pid in index} for x in self.queries]
-        return recall_at_k(q, p, relevant, k=10)
+        return hit_and_recall_at_k(q, p, relevant, k=10)
 
 
 def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None = None) -> dict[str, Any]:
@@ -124,13 +130,20 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             f"optim.batch_size {config.optim.batch_size} is not divisible by the {ctx.world_size} processes"
         )
     run_dir = Path(config.run.out)  # type: ignore[arg-type]
+    legacy = ckpt.legacy_checkpoints(run_dir)
+    if legacy:
+        raise ckpt.CheckpointError(
+            f"{legacy[-1]}: a checkpoint in the old pickled format (model.pt/trainer.pt); MOON no longer loads "
+            "pickles (unpickling a file can run code), so this run cannot be resumed or extended. Start a new run "
+            "with another --out (its final/ and best/ embedders, safetensors, still load)"
+        )
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ConfigError(
             f"{run_dir} already holds checkpoints (last: step {latest[0]}); pass --resume to continue it or choose a new --out"
         )
     if resume and latest is not None and (run_dir / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        saved = read_yaml(run_dir / "config.yaml")
         diffs = _config_differences(config.to_dict(), config_from_dict(saved).to_dict())
         if diffs:
             raise ConfigError(
@@ -143,7 +156,9 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
 
     seed = config.run.seed
     _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before the data is read
-    model = build_model(config.model.spec, config.model.overrides)
+    # the spec is from the caller's own config (the CLI's --config / --model / key=value), so a
+    # py:module:factory spec is honoured; a run directory's saved config.yaml is only compared
+    model = build_model(config.model.spec, config.model.overrides, allow_python=True)
     apply_tuning(model, config.model)
     data = open_training_data(
         config.data.dir,  # type: ignore[arg-type]
@@ -201,8 +216,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     start = 0
     _seed_everything(seed * 1000 + 1 + ctx.rank)  # per-rank stream for dropout
     if resume and latest is not None:
-        start, path = latest
-        model_sd, trainer_sd, rng = ckpt.read_checkpoint(path, ctx.rank)
+        start, path, (model_sd, trainer_sd, rng) = _newest_readable_checkpoint(run_dir, ctx)
         written, now = trainer_sd.get("strategy", "ddp"), "fsdp" if fsdp else "ddp"
         if written != now:
             raise ConfigError(
@@ -235,9 +249,9 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     )
     last: dict[str, Any] = {}
     if config.run.val_at_start and start == 0:
-        recall = broadcast_object(validator() if ctx.is_main else None, ctx)
-        if recall is not None:
-            logger.log({"step": 0, "val_recall@10": recall})
+        scores = broadcast_object(validator() if ctx.is_main or fsdp else None, ctx)
+        if scores is not None:
+            logger.log({"step": 0, **scores})
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -273,19 +287,22 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                 record[f"input_warnings.{kind}"] = count
             validate_now = config.run.val_every > 0 and (done % config.run.val_every == 0 or done == total)
             improved = False
+            scores = None
             if validate_now:
-                recall = validator() if ctx.is_main or fsdp else None  # sharded forward: every rank takes part
-                recall = broadcast_object(recall, ctx)
-                if recall is not None:
-                    record["val_recall@10"] = recall
-                    if recall > best:
-                        best, improved = recall, True
+                scores = validator() if ctx.is_main or fsdp else None  # sharded forward: every rank takes part
+                scores = broadcast_object(scores, ctx)
+                if scores is not None:
+                    record.update(scores)
+                    if scores[RECALL_KEY] > best:
+                        best, improved = scores[RECALL_KEY], True
             if done % config.run.log_every == 0 or validate_now or done == total:
                 logger.log(record)
             if improved:
                 _save_embedder(model, run_dir / "best", config, ctx, fsdp)
             if improved and ctx.is_main:
-                (run_dir / "best.json").write_text(f'{{"step": {done}, "val_recall@10": {best}}}\n', encoding="utf-8")
+                (run_dir / "best.json").write_text(
+                    json.dumps({"step": done, **(scores or {})}) + "\n", encoding="utf-8"
+                )
             if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
@@ -310,12 +327,41 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     }
 
 
+def _newest_readable_checkpoint(
+    run_dir: Path, ctx: DistContext
+) -> tuple[int, Path, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]]:
+    """The newest checkpoint that reads back completely, with its states; a damaged newer one (a
+    truncated file) is skipped with a warning. Every rank resumes from rank 0's choice."""
+    problems = []
+    chosen = None
+    found = dict(ckpt.list_checkpoints(run_dir))
+    for step in sorted(found, reverse=True):
+        try:
+            chosen = (step, found[step], ckpt.read_checkpoint(found[step], ctx.rank))
+            break
+        except ckpt.CheckpointError as exc:
+            problems.append(str(exc))
+            warnings.warn(f"--resume: skipping a damaged checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+    agreed = broadcast_object(chosen[0] if chosen is not None else None, ctx)
+    if agreed is not None and (chosen is None or chosen[0] != agreed):  # this rank saw another file damaged
+        try:
+            chosen = (agreed, found[agreed], ckpt.read_checkpoint(found[agreed], ctx.rank))
+        except ckpt.CheckpointError as exc:
+            problems.append(str(exc))
+            chosen = None
+    if chosen is None or agreed is None:
+        raise ckpt.CheckpointError(
+            f"{run_dir}: no checkpoint can be resumed from ({'; '.join(problems)}); start a new run with another --out"
+        )
+    return chosen
+
+
 def _save_embedder(model: Any, directory: Path, config: TrainConfig, ctx: DistContext, fsdp: bool) -> None:
     """``save_pretrained`` on rank 0 (from a gathered full copy under FSDP; every rank must call)."""
     if fsdp:
         from moon.train.fsdp import save_unsharded
 
-        save_unsharded(model, directory, config.model, ctx, build_model, apply_tuning)
+        save_unsharded(model, directory, config.model, ctx, partial(build_model, allow_python=True), apply_tuning)
     elif ctx.is_main:
         ckpt.save_pretrained_atomic(model, directory)
 

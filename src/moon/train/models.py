@@ -14,12 +14,15 @@ from moon.train.config import ModelConfig
 _TRAINABLE = ("build_product_inputs", "build_query_inputs", "collate", "forward", "aux_loss", "save_pretrained")
 
 
-def build_model(spec: str, overrides: dict[str, Any] | None = None) -> Any:
+def build_model(spec: str, overrides: dict[str, Any] | None = None, *, allow_python: bool = False) -> Any:
     """The embedder named by ``spec``, as a trainable ``torch.nn.Module``.
 
     * ``moon-*`` presets and directories → ``MoonEmbedder.from_pretrained(spec, **overrides)``
       (a directory saved by another family is loaded through ``load_embedder``);
-    * ``py:package.module:factory`` → ``factory(**overrides)`` (plug in your own model);
+    * ``py:package.module:factory`` → ``factory(**overrides)`` (plug in your own model) — imports and
+      runs that code, so only with ``allow_python=True``, which callers pass for a spec from the
+      user's own command line or config, never for one read from a data file (an index manifest, a
+      run directory, a store);
     * anything else (``dual-encoder``, ``pretrained-towers``, ``family:DIR``) →
       ``moon.embedders.load_embedder(spec, **overrides)``.
 
@@ -27,6 +30,11 @@ def build_model(spec: str, overrides: dict[str, Any] | None = None) -> Any:
     """
     overrides = dict(overrides or {})
     if spec.startswith("py:"):
+        if not allow_python:
+            raise ConfigError(
+                f"model.spec {spec!r}: a py: spec runs Python code; it is accepted only from your own "
+                "command line or training config, not from a data file"
+            )
         module_name, _, attr = spec[3:].partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
@@ -55,7 +63,7 @@ def build_model(spec: str, overrides: dict[str, Any] | None = None) -> Any:
 def apply_tuning(model: Any, config: ModelConfig) -> None:
     """LoRA, frozen vision tower and gradient checkpointing, as the config asks.
 
-    These need the model's own hooks (``enable_lora``, ``freeze_vision``,
+    These need the model's own hooks (``enable_lora``, ``freeze_vision``, ``freeze_lower_layers``,
     ``gradient_checkpointing_enable``); a model without one raises :class:`ConfigError`.
     """
 
@@ -78,6 +86,8 @@ def apply_tuning(model: Any, config: ModelConfig) -> None:
             need("enable_lora", "lora")(**kwargs)
     if config.freeze_vision:
         need("freeze_vision", "freeze_vision")()
+    if config.freeze_lower_layers:
+        need("freeze_lower_layers", "freeze_lower_layers")(config.freeze_lower_layers)
     if config.gradient_checkpointing:
         need("gradient_checkpointing_enable", "gradient_checkpointing")()
 

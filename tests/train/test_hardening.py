@@ -1,0 +1,307 @@
+"""Issue #16, training: nothing unpickles, a damaged newest checkpoint falls back to the previous one,
+bad configs are one-line errors, py: specs only from the user, and the two validation scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from moon.data import Product, Purchase, Query, StoreWriter
+from moon.errors import ConfigError, MoonError
+from moon.train import checkpoints as ckpt
+from moon.train import load_config, train
+from moon.train.metrics_log import read_metrics
+
+
+class _Planted:
+    """Unpickling this writes a marker file: the proof of concept of a crafted checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _store(root):
+    """8 leaves × 3 products; text queries: train ones buy one product, val ones buy two."""
+    with StoreWriter(root, created={"tool": "tests"}) as w:
+        for c in range(8):
+            for j in range(3):
+                w.add_product(Product(f"c{c}p{j}", f"thing {c} variant {j}", category=["Ind", f"Leaf{c}"]))
+            w.add_query(Query(f"q{c}", f"looking for thing {c}", split="train"))
+            w.add_purchase(Purchase(f"q{c}", f"c{c}p0", c))
+            w.add_query(Query(f"v{c}", f"thing {c} please", split="val"))
+            w.add_purchase(Purchase(f"v{c}", f"c{c}p1", 100 + c))
+            w.add_purchase(Purchase(f"v{c}", f"c{(c + 3) % 8}p2", 200 + c))
+    return root
+
+
+def _config(store, out, steps=6, **run):
+    return load_config(
+        extra={
+            "model": {"spec": "py:toy_embedder:make_toy"},
+            "data": {"dir": str(store), "modality_mix": {"text": 1}},
+            "negatives": {"hard": 1, "queue_size": 8, "queue_max_age": 2},
+            "loss": {"learn_temperature": True},
+            "optim": {"steps": steps, "batch_size": 4, "warmup_steps": 1},
+            "run": {
+                "out": str(out),
+                "val_every": 2,
+                "ckpt_every": 2,
+                "keep_last": 3,
+                "tensorboard": False,
+                "progress": False,
+                **run,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return _store(tmp_path_factory.mktemp("hard") / "store")
+
+
+@pytest.fixture(scope="module")
+def finished(store, tmp_path_factory):
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("hard") / "run"
+    train(_config(store, out))
+    return out
+
+
+# --- checkpoints: safetensors + JSON, never pickles -------------------------------------------
+
+
+def test_checkpoint_files_hold_no_pickle_and_states_read_back_equal(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    trainer = {"optimizer": opt.state_dict(), "best": float("-inf"), "step": 7, "pair": (1, "a"), "none": None}
+    tmp = ckpt.begin_checkpoint(tmp_path, 7)
+    ckpt.write_rng(tmp, 0)
+    expected_rng = ckpt.rng_state()
+    path = ckpt.finish_checkpoint(tmp_path, 7, tmp, ckpt.model_state(net), trainer, keep_last=2)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "checkpoint.json", "model.safetensors", "rng-rank0.json", "rng-rank0.safetensors", "trainer.json",
+        "trainer.safetensors",
+    ]  # fmt: skip
+    for f in path.iterdir():
+        assert not f.read_bytes().startswith(b"\x80"), f"{f.name} is a pickle"  # pickle protocol 2+ opcode
+    model, got, rng = ckpt.read_checkpoint(path, 0)
+    assert all(torch.equal(model[k], v) for k, v in net.state_dict().items())
+    assert got["best"] == float("-inf") and got["pair"] == (1, "a") and got["none"] is None and got["step"] == 7
+    state = got["optimizer"]
+    assert list(state["state"]) == [0, 1]  # integer keys survive JSON
+    assert state["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(state["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    fresh.load_state_dict(state)
+    assert rng["python"] == expected_rng["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(rng["numpy"], expected_rng["numpy"], strict=True))
+    assert torch.equal(rng["torch"], expected_rng["torch"])
+
+
+def test_a_planted_pickle_checkpoint_is_refused_and_never_unpickled(store, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    for name in ("model.pt", "trainer.pt", "rng-rank0.pt"):
+        (step / name).write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(ckpt.CheckpointError, match="old pickled format"):
+        train(_config(store, run), resume=True)
+    with pytest.raises(ckpt.CheckpointError, match="old pickled format"):
+        train(_config(store, run))  # nor overwritten without --resume
+    assert not marker.exists()
+
+    from moon.cli import main
+
+    args = ["train", "--preset", "moon-tiny", "--model", "py:toy_embedder:make_toy", "--data", str(store)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_pickles_planted_under_the_new_names_are_damage_not_code(store, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    marker = tmp_path / "pwned"
+    newest = ckpt.latest_checkpoint(run)[1]
+    for f in newest.iterdir():
+        if f.name != "checkpoint.json":
+            size = f.stat().st_size
+            f.write_bytes(pickle.dumps(_Planted(marker)).ljust(size, b"."))  # same size: passes the size check
+    with pytest.warns(RuntimeWarning, match="skipping a damaged checkpoint"):
+        train(_config(store, run), resume=True)
+    assert not marker.exists()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["truncate model", "zero trainer", "truncate rng", "garbage trainer.json"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(store, finished, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    expected = read_metrics(finished)
+    newest = run / "checkpoints" / "step-00000006"
+    how, what = damage.split()
+    name = {"model": "model.safetensors", "trainer": "trainer.safetensors", "rng": "rng-rank0.safetensors"}.get(
+        what, what
+    )
+    f = newest / name
+    if how == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "zero":
+        f.write_bytes(b"")
+    else:
+        f.write_bytes(b"{" + b"\xff" * (f.stat().st_size - 1))  # same size, not JSON
+    with pytest.raises(ckpt.CheckpointError, match=str(f.name)):
+        ckpt.read_checkpoint(newest, 0)
+    with pytest.warns(RuntimeWarning, match=f"skipping a damaged checkpoint: {newest}"):
+        train(_config(store, run), resume=True)
+    got = read_metrics(run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(got, expected, strict=True):  # steps 5 and 6 were trained again, from step 4, exactly
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-9, abs=1e-12)
+    ckpt.read_checkpoint(newest, 0)  # and the step-6 checkpoint was written anew
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(store, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for _, path in ckpt.list_checkpoints(run):
+        (path / "model.safetensors").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ckpt.CheckpointError, match="no checkpoint can be resumed from"):
+            train(_config(store, run), resume=True)
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+def _cli_error(capsys, *args):
+    from moon.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_a_non_utf8_yaml_config_is_a_one_line_error(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"optim:\n  lr: 1e-4\n  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 25, line 3\)"):
+        load_config(f)
+    assert "not UTF-8" in _cli_error(capsys, "train", "--config", str(f), "--print-config")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
+         "expands to more than"),
+        ("optim:\n  lr: .inf\n", "finite number"),
+        ("optim:\n  lr: .nan\n", "finite number"),
+    ],
+    ids=["200k-deep", "alias-bomb", "inf", "nan"],
+)  # fmt: skip
+def test_hostile_yaml_configs_are_refused(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.batch_size=1e20", r"optim.batch_size: must be in \[1, 1,048,576\]"),
+        ("optim.steps=1e9", "optim.steps: must be in"),
+        ("negatives.queue_size=1e12", "negatives.queue_size: must be in"),
+        ("negatives.hard=100000", "negatives.hard: must be in"),
+        ("run.seed=-1", "run.seed: must be in"),
+    ],
+)
+def test_absurd_sizes_are_refused_before_any_work(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(preset="moon-tiny", overrides=[override])
+
+
+def test_huge_batch_size_from_the_cli_is_a_one_line_error(tmp_path, capsys):
+    err = _cli_error(capsys, "train", "--preset", "moon-tiny", "--data", str(tmp_path), "optim.batch_size=1e20")
+    assert "optim.batch_size" in err
+
+
+def test_py_specs_need_the_callers_explicit_consent(tmp_path):
+    from moon.train import build_model
+
+    marker = tmp_path / "ran"
+    mod = tmp_path / "planted_factory.py"
+    mod.write_text(f"open({str(marker)!r}, 'w').close()\ndef make(**kw):\n    raise SystemExit\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="runs Python code"):
+            build_model("py:planted_factory:make")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_a_damaged_saved_config_on_resume_is_a_clear_error(store, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "config.yaml").write_bytes(b"model:\n  spec: \xff\xfe\n")
+    with pytest.raises(MoonError, match="config.yaml: not UTF-8"):
+        train(_config(store, run), resume=True)
+
+
+# --- validation: hit rate and recall, named for what they are -----------------------------------
+
+
+def test_hit_and_recall_known_answer_and_equal_to_the_benchmarks_recall():
+    from moon.bench.metrics import retrieval_metrics
+    from moon.train.validation import hit_and_recall_at_k
+
+    products = np.eye(12, dtype=np.float32)
+    # query 0 prefers products 0..9 (descending), bought 0 and 11 → hit, recall 1/2
+    # query 1 prefers 11, bought 11 → hit, recall 1; query 2 bought nothing in the catalog → not scored
+    q = np.zeros((3, 12), np.float32)
+    q[0, :10] = np.linspace(1.0, 0.5, 10)
+    q[1, 11] = 1.0
+    relevant = [{0, 11}, {11}, set()]
+    got = hit_and_recall_at_k(q, products, relevant, k=10)
+    assert got == {"val_hit@10": 1.0, "val_recall@10": 0.75}
+    ranked = [list(np.argsort(-row, kind="stable")) for row in q[:2]]
+    assert got["val_recall@10"] == retrieval_metrics(ranked, relevant[:2])["recall@10"]
+    assert hit_and_recall_at_k(q[2:], products, [set()]) is None
+
+
+def test_training_logs_both_scores_and_best_is_chosen_by_recall(store, finished):
+    records = [r for r in read_metrics(finished) if "val_recall@10" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(0 <= r["val_recall@10"] <= r["val_hit@10"] <= 1 for r in records)
+    # every val query bought two products, so the two scores are not the same number
+    assert any(r["val_recall@10"] < r["val_hit@10"] for r in records)
+    best = json.loads((finished / "best.json").read_text())
+    top = max(records, key=lambda r: (r["val_recall@10"], -r["step"]))
+    assert best == {"step": top["step"], "val_hit@10": top["val_hit@10"], "val_recall@10": top["val_recall@10"]}
+    assert math.isfinite(best["val_recall@10"])
