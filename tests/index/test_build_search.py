@@ -105,13 +105,17 @@ def test_approximate_kinds_measure_recall_and_support_add_remove(tmp_path, kind)
         recall_queries=200,
     )
     manifest = read_manifest(tmp_path / kind)
-    assert manifest.kind == kind and manifest.recall_queries == 200 and manifest.recall_count == 2000
-    # the stored number is Recall@10 vs exact search, recomputed here independently on the same rows
-    rows = np.sort(np.random.default_rng(0).choice(2000, size=200, replace=False))
-    truth = np.argsort(-(vectors[rows] @ vectors.T), axis=1)[:, :10]
-    approx = index.faiss.search(vectors[rows], 10)[1]
-    assert manifest.recall_at_10 == pytest.approx(recall_at_k(approx, truth, 10), abs=1e-4)
-    assert 0.2 < manifest.recall_at_10 <= 1.0  # random ids would give ~0.005
+    # 200 product vectors held out (a tenth at most) while measuring: tuned on 100, reported on 100
+    assert manifest.kind == kind and manifest.recall_source == "held-out vectors"
+    assert manifest.recall_queries == 100 and manifest.recall_count == 1800 and manifest.count == 2000
+    # fresh queries from the same clusters get the recall the manifest states (within sampling error)
+    fresh = (centres[rng.integers(0, 20, 300)] + 0.3 * rng.normal(size=(300, 32))).astype(np.float32)
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+    truth = np.argsort(-(fresh @ vectors.T), axis=1)[:, :10]
+    row_of = {label: int(pid[1:]) for label, pid in index._id_of.items()}
+    approx = np.vectorize(lambda label: row_of.get(int(label), -1))(index.search_labels(fresh, 10))
+    assert abs(manifest.recall_at_10 - recall_at_k(approx, truth, 10)) < 0.06
+    assert manifest.recall_at_10 >= 0.9
     if kind == "hnsw":  # HNSW keeps full vectors: searching an indexed vector finds itself
         assert index.search(vectors[7:8], 1)[0][0].id == "v7"
 
@@ -130,7 +134,9 @@ def test_auto_kind_and_bad_vectors(tmp_path):
     index = build_index_from_vectors(
         tmp_path / "a", list("abcd"), vectors, model="m", fingerprint="f", exact_limit=2, recall_queries=4
     )
-    assert index.manifest.kind == "hnsw" and index.manifest.recall_at_10 == 1.0
+    # 4 vectors: none can be held out of the index to measure it honestly, so no recall is claimed
+    assert index.manifest.kind == "hnsw" and index.manifest.recall_at_10 is None
+    assert index.manifest.recall_source is None and index.manifest.recall_queries == 0
     with pytest.raises(DataError, match="expected shape"):
         index.add(["e"], np.ones((1, 3), np.float32))
     with pytest.raises(DataError, match="NaN"):

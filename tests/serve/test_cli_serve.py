@@ -21,7 +21,9 @@ def test_serve_passes_host_port_and_limits_to_uvicorn(served_index, toy_family, 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
     result = CliRunner().invoke(
-        cli, ["serve", str(index_dir), "--port", "9123", "--max-k", "5", "--max-text", "8"], catch_exceptions=False
+        cli,
+        ["serve", str(index_dir), "--model", "toy", "--port", "9123", "--max-k", "5", "--max-text", "8"],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     ((app, kw),) = calls

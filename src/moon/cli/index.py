@@ -32,13 +32,29 @@ def index() -> None:
     help="Index parameter (M, ef_search, nlist, nprobe, pq_m …).",
 )
 @click.option("--batch-size", default=64, show_default=True, help="Products encoded per batch.")
-@click.option("--recall-queries", default=1000, show_default=True, help="Sampled queries for the Recall@10 check.")
+@click.option(
+    "--recall-queries",
+    default=1000,
+    show_default=True,
+    help="Queries for the Recall@10 check: the store's own (encoded), else held-out products.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
-def build(model, data, out, kind, exact_limit, params, batch_size, recall_queries, overwrite) -> None:
-    """Encode every product of a store and write a FAISS index with its manifest."""
-    from moon.embedders import load_embedder
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
+)
+def build(
+    model, data, out, kind, exact_limit, params, batch_size, recall_queries, overwrite, trust_remote_code
+) -> None:
+    """Encode every product of a store and write a FAISS index with its manifest.
+
+    A model directory and the store are recorded as absolute paths and relative to --out, so the
+    index works from any directory and after moving the index together with them.
+    """
     from moon.errors import ConfigError
     from moon.index import build_index
+    from moon.index.references import load_user_embedder
 
     parsed = {}
     for item in params:
@@ -49,7 +65,7 @@ def build(model, data, out, kind, exact_limit, params, batch_size, recall_querie
             parsed[key] = int(value)
         except ValueError as exc:
             raise ConfigError(f"--param {item!r}: the value must be an integer") from exc
-    embedder = load_embedder(model)
+    embedder = load_user_embedder(model, trust_remote_code=trust_remote_code)
     idx = build_index(
         embedder,
         data,
@@ -64,7 +80,8 @@ def build(model, data, out, kind, exact_limit, params, batch_size, recall_querie
         show_progress=True,
     )
     m = idx.manifest
-    click.echo(f"{out}: {m.count:,} products, {m.kind} index, dim {m.dim}, Recall@10 vs exact {m.recall_at_10:.4f}")
+    recall = "n/a" if m.recall_at_10 is None else f"{m.recall_at_10:.4f} on {m.recall_queries:,} {m.recall_source}"
+    click.echo(f"{out}: {m.count:,} products, {m.kind} index, dim {m.dim}, Recall@10 vs exact {recall}")
 
 
 @index.command()
@@ -80,14 +97,19 @@ def build(model, data, out, kind, exact_limit, params, batch_size, recall_querie
     "--model", default=None, help="Embedder spec (default: the one in the manifest; must match its fingerprint)."
 )
 @click.option("--batch-size", default=64, show_default=True)
-def add(index_dir, ids, ids_file, model, batch_size) -> None:
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
+)
+def add(index_dir, ids, ids_file, model, batch_size, trust_remote_code) -> None:
     """Add products of the index's store (new ids are added, existing ones re-encoded)."""
     from moon.data import ProductStore
     from moon.errors import DataError
-    from moon.index import VectorIndex, add_products, load_index_embedder
+    from moon.index import VectorIndex, add_products, index_store_dir, load_index_embedder
 
     idx = VectorIndex.open(index_dir)
-    store = ProductStore(idx.manifest.store)
+    store = ProductStore(index_store_dir(idx.manifest, index_dir))
     wanted = list(ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
     if wanted:
         products = []
@@ -98,7 +120,7 @@ def add(index_dir, ids, ids_file, model, batch_size) -> None:
                 raise DataError(f"product id {pid!r} is not in the store {store.root}") from None
     else:
         products = [p for p in store.iter_products() if p.id not in idx]
-    embedder = load_index_embedder(idx.manifest, model)
+    embedder = load_index_embedder(idx.manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
     added, replaced = add_products(idx, embedder, products, batch_size=batch_size, show_progress=True)
     idx.save()
     click.echo(f"{index_dir}: added {added:,}, re-encoded {replaced:,}; {len(idx):,} products indexed")
@@ -141,7 +163,11 @@ def info(index_dir, as_json) -> None:
         ("params", ", ".join(f"{k}={v}" for k, v in sorted(m.params.items())) or "-"),
         ("products", f"{m.count:,}"),
         ("dim", str(m.dim)),
-        ("recall@10", f"{recall} vs exact ({m.recall_queries:,} queries over {m.recall_count:,} vectors)"),
+        (
+            "recall@10",
+            f"{recall} vs exact ({m.recall_queries:,} {m.recall_source or 'queries'} not in the index, "
+            f"over {m.recall_count:,} vectors)",
+        ),
         ("store", m.store),
         ("created", m.created),
         ("updated", m.updated),

@@ -14,17 +14,26 @@ import click
 @click.option("-k", "k", default=10, show_default=True, help="Results to return (1-100).")
 @click.option("--model", default=None, help="Embedder spec (default: the index's; must match its fingerprint).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search(index_dir, text, images, k, model, as_json) -> None:
-    """Search an index by text and/or photo."""
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
+)
+def search(index_dir, text, images, k, model, as_json, trust_remote_code) -> None:
+    """Search an index by text and/or photo.
+
+    Without --model the index's own model is loaded: a preset or the saved model directory it
+    records (absolute, or relative to the index), never a spec that could run code.
+    """
     from moon.data import ProductStore, StoreError, load_image
-    from moon.index import VectorIndex, load_index_embedder, make_query
+    from moon.index import VectorIndex, index_store_dir, load_index_embedder, make_query
     from moon.index import search as run_search
 
     query = make_query(text, [load_image(p) for p in images])
     idx = VectorIndex.open(index_dir)
-    embedder = load_index_embedder(idx.manifest, model)
+    embedder = load_index_embedder(idx.manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
     try:
-        store = ProductStore(idx.manifest.store)
+        store = ProductStore(index_store_dir(idx.manifest, index_dir))
     except StoreError:
         store = None  # the store moved: ids and scores are still shown
     hits = run_search(idx, embedder, query, k=k, store=store)

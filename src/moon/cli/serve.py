@@ -26,13 +26,30 @@ import click
 )
 @click.option("--concurrency", default=2, show_default=True, help="Model calls running at once.")
 @click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
 def serve(
-    index_dir, host, port, model, store_dir, max_body_mb, max_pixels, max_text, max_k, timeout_s, concurrency, log_level
+    index_dir,
+    host,
+    port,
+    model,
+    store_dir,
+    max_body_mb,
+    max_pixels,
+    max_text,
+    max_k,
+    timeout_s,
+    concurrency,
+    trust_remote_code,
+    log_level,
 ) -> None:
     """Serve an index over HTTP (JSON API + search page)."""
     import uvicorn
@@ -49,7 +66,7 @@ def serve(
         concurrency=concurrency,
     )
     manifest = read_manifest(index_dir)
-    embedder = load_index_embedder(manifest, model)
+    embedder = load_index_embedder(manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
     app = create_app(index_dir, embedder, limits=limits, store_dir=store_dir)
     click.echo(
         f"serving {manifest.count:,} products ({manifest.kind}, {manifest.model}) at http://{host}:{port}/", err=True

@@ -9,6 +9,7 @@ from moon.index.build import (
     build_index,
     build_index_from_vectors,
     check_embedder,
+    index_store_dir,
     load_index_embedder,
     measure_recall,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "choose_kind",
     "default_params",
     "exact_topk",
+    "index_store_dir",
     "load_index_embedder",
     "make_query",
     "measure_recall",

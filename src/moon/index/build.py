@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,17 @@ from tqdm.auto import tqdm
 
 from moon.data import Product, ProductStore
 from moon.embedders import Embedder
-from moon.errors import ConfigError, DataError
-from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT, choose_kind, default_params
+from moon.errors import ConfigError, DataError, MoonError
+from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT, apply_search_params, choose_kind, default_params
 from moon.index.manifest import MANIFEST_FILE, IndexManifest
 from moon.index.recall import exact_topk, recall_at_k
+from moon.index.references import (
+    load_user_embedder,
+    manifest_model_spec,
+    manifest_store_dir,
+    model_reference,
+    store_reference,
+)
 from moon.index.vector_index import VectorIndex
 
 RECALL_K = 10
@@ -33,13 +41,32 @@ def check_embedder(manifest: IndexManifest, embedder: Embedder, *, where: str = 
         )
 
 
-def load_index_embedder(manifest: IndexManifest, model: str | None = None) -> Embedder:
-    """Load the model an index was built with (or ``model``) and check that it matches."""
-    from moon.embedders import load_embedder
+def load_index_embedder(
+    manifest: IndexManifest,
+    model: str | None = None,
+    *,
+    index_dir: str | os.PathLike,
+    trust_remote_code: bool = False,
+) -> Embedder:
+    """Load the model of the index in ``index_dir`` and check that its fingerprint matches.
 
-    embedder = load_embedder(model or manifest.model)
-    check_embedder(manifest, embedder, where=f"index of {manifest.store}")
+    ``model`` is the user's own ``--model`` (any spec; ``trust_remote_code`` only for ``gme``);
+    without it the manifest's reference is used, which only ever names presets and saved model
+    directories (:func:`moon.index.references.manifest_model_spec`), never code.
+    """
+    spec = model if model is not None else manifest_model_spec(manifest, index_dir)
+    embedder = load_user_embedder(spec, trust_remote_code=trust_remote_code) if model is not None else None
+    if embedder is None:
+        from moon.embedders import load_embedder
+
+        embedder = load_embedder(spec)
+    check_embedder(manifest, embedder, where=f"index {index_dir}")
     return embedder
+
+
+def index_store_dir(manifest: IndexManifest, index_dir: str | os.PathLike) -> Path:
+    """The product store an index was built from (absolute, else relative to the index)."""
+    return manifest_store_dir(manifest, index_dir)
 
 
 def _batches(items: Iterable[Product], size: int) -> Iterator[list[Product]]:
@@ -78,18 +105,41 @@ def encode_products(
 
 
 def measure_recall(
-    index: VectorIndex, vectors: np.ndarray, *, queries: int = 1000, seed: int = 0, k: int = RECALL_K
+    index: VectorIndex,
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    *,
+    exclude: np.ndarray | None = None,
+    k: int = RECALL_K,
 ) -> float:
-    """Recall@k of ``index`` vs exact search over ``vectors`` (row i has label i), on sampled rows as queries."""
-    n = vectors.shape[0]
-    if n == 0 or queries <= 0:
+    """Recall@k of ``index`` vs exact search, for ``queries`` ``(q, dim)``.
+
+    The index holds ``vectors[rows]`` (``vectors`` may be a memmap) with labels ``0 … len(rows)-1``
+    in that order; ``exclude`` are the other rows of ``vectors`` (not in the index). The queries
+    must not be in the index: a query that is finds itself and flatters approximate search.
+    """
+    n = len(rows)
+    if n == 0 or len(queries) == 0:
         return 1.0
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(queries, n), replace=False))
-    q = np.asarray(vectors[rows], dtype=np.float32)
-    truth = exact_topk(q, vectors, k)
+    q = np.asarray(queries, dtype=np.float32)
+    truth_rows = exact_topk(q, vectors, k, exclude=exclude)
+    truth = np.searchsorted(np.asarray(rows, dtype=np.int64), truth_rows)  # row → label
     approx = index.search_labels(q, min(k, n))
     return recall_at_k(approx, truth, k)
+
+
+def _held_out_rows(n: int, queries: int, seed: int) -> np.ndarray:
+    """Rows left out of the index while its recall is measured: at most ``queries`` and at most a
+    tenth of the rows (a much smaller index would be easier to search than the real one)."""
+    size = min(queries, n // 10)
+    if size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(vectors[rows], dtype=np.float32)
 
 
 def build_index_from_vectors(
@@ -105,41 +155,122 @@ def build_index_from_vectors(
     exact_limit: int = EXACT_LIMIT,
     hnsw_limit: int = HNSW_LIMIT,
     recall_queries: int = 1000,
+    queries: np.ndarray | None = None,
+    queries_source: str = "given queries",
+    references: dict[str, Any] | None = None,
     seed: int = 0,
     chunk: int = 65536,
     show_progress: bool = False,
 ) -> VectorIndex:
     """Index ``vectors`` (float32 ``(n, dim)``, may be a memmap) under ``ids`` and write ``out_dir``.
 
-    For ``hnsw`` / ``ivfpq`` the Recall@10 against exact search is measured on ``recall_queries``
-    sampled rows and stored in the manifest.
+    For ``hnsw`` / ``ivfpq`` the Recall@10 against exact search is measured on queries that are
+    not in the index and stored in the manifest with ``recall_source``: the rows of ``queries``
+    (``(q, dim)``, e.g. the store's own queries encoded by the model) when given, else up to
+    ``recall_queries`` sampled product vectors held out of the index while measuring and added
+    afterwards (at most a tenth of them).
+
+    The search-time knobs the caller did not set in ``params`` (``ef_search``; ``nprobe`` and
+    ``rerank``) are tuned on half of those queries — doubled from their defaults until Recall@10
+    reaches :data:`TUNE_TARGET` or their caps (:data:`TUNED`) — and the recall is reported on the
+    other half. An ``ivfpq`` index chosen by ``kind="auto"`` whose reported recall is below
+    :data:`AUTO_IVFPQ_MIN` is not used: the vectors are indexed with ``hnsw`` instead (with a
+    warning). (The margin over 0.9 covers the sampling error of a few hundred queries, so that
+    fresh queries reach 0.9.)
+
+    ``model`` and ``store`` are recorded as given, then overwritten by ``references`` (manifest
+    fields, see :mod:`moon.index.references`) if given.
     """
     n, dim = vectors.shape
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} vectors")
-    kind = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
-    merged = {**default_params(kind, dim, n), **(params or {})}
+    chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
+    given = dict(params or {})
+    merged = {**default_params(chosen, dim, n), **given}
     index = VectorIndex.create(
-        out_dir, model=model, fingerprint=fingerprint, dim=dim, kind=kind, store=store, params=merged
+        out_dir, model=model, fingerprint=fingerprint, dim=dim, kind=chosen, store=store, params=merged
     )
+    measured = chosen != "exact" and (queries is not None or recall_queries > 0)
+    held = _held_out_rows(n, recall_queries, seed) if measured and queries is None else np.zeros(0, np.int64)
+    keep = np.setdiff1d(np.arange(n, dtype=np.int64), held) if len(held) else np.arange(n, dtype=np.int64)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=min(n, int(merged.get("train_size", n))), replace=False))
-        index.train(np.asarray(vectors[rows], dtype=np.float32))
-    bar = tqdm(total=n, desc=f"indexing ({kind})", unit="vector", disable=not show_progress)
-    for start in range(0, n, chunk):
-        block = np.asarray(vectors[start : start + chunk], dtype=np.float32)
-        index.add(ids[start : start + len(block)], block)
-        bar.update(len(block))
-    bar.close()
-    if kind == "exact":
-        index.manifest.recall_at_10, index.manifest.recall_queries = 1.0, 0
+        rows = np.sort(rng.choice(keep, size=min(len(keep), int(merged.get("train_size", n))), replace=False))
+        index.train(_rows(vectors, rows))
+    bar = tqdm(total=n, desc=f"indexing ({chosen})", unit="vector", disable=not show_progress)
+    for start in range(0, len(keep), chunk):
+        rows = keep[start : start + chunk]
+        block = _rows(vectors, rows) if len(held) else _rows(vectors, slice(start, start + len(rows)))
+        index.add([ids[int(i)] for i in rows], block)
+        bar.update(len(rows))
+    m = index.manifest
+    probe = np.asarray(queries, dtype=np.float32) if queries is not None else _rows(vectors, held)
+    if chosen == "exact":
+        m.recall_at_10, m.recall_queries, m.recall_source = 1.0, 0, "exact"
+    elif measured and len(probe):
+        # the adds above gave the kept rows labels 0, 1, … in order; exact search skips the held-out rows
+        tune, report = (probe[0::2], probe[1::2]) if len(probe) >= 2 else (probe, probe)
+        _tune(index, vectors, keep, tune, held, skip=set(given))
+        m.recall_at_10 = round(measure_recall(index, vectors, keep, report, exclude=held), 4)
+        if m.recall_at_10 < AUTO_IVFPQ_MIN and kind == "auto" and chosen == "ivfpq":
+            bar.close()
+            warnings.warn(
+                f"IVF-PQ reaches Recall@10 {m.recall_at_10:.3f} < {AUTO_IVFPQ_MIN} on held-out queries at "
+                f"nprobe={m.params['nprobe']}, rerank={m.params['rerank']}; indexing the {n:,} vectors with HNSW "
+                "instead",
+                stacklevel=2,
+            )
+            return build_index_from_vectors(
+                out_dir, ids, vectors, model=model, fingerprint=fingerprint, store=store, kind="hnsw",
+                params={k: v for k, v in given.items() if k in default_params("hnsw", dim, n)},
+                recall_queries=recall_queries, queries=queries, queries_source=queries_source,
+                references=references, seed=seed, chunk=chunk, show_progress=show_progress,
+            )  # fmt: skip
+        m.recall_queries = len(report)
+        m.recall_source = queries_source if queries is not None else "held-out vectors"
     else:
-        index.manifest.recall_at_10 = round(measure_recall(index, vectors, queries=recall_queries, seed=seed), 4)
-        index.manifest.recall_queries = min(recall_queries, n)
-    index.manifest.recall_count = n
+        m.recall_at_10, m.recall_queries, m.recall_source = None, 0, None
+    m.recall_count = len(keep)
+    if len(held):  # the held-out products join the index now that it has been measured
+        index.add([ids[int(i)] for i in held], _rows(vectors, held))
+        bar.update(len(held))
+    bar.close()
+    for key, value in (references or {}).items():
+        setattr(m, key, value)
     index.save()
     return index
+
+
+#: the Recall@10 on held-out queries that build-time tuning aims for
+TUNE_TARGET = 0.95
+#: the least Recall@10 on held-out queries for which ``kind="auto"`` keeps an ``ivfpq`` index
+AUTO_IVFPQ_MIN = 0.93
+#: search-time knobs tuned at build time, with their caps (each doubles per round)
+TUNED: dict[str, tuple[tuple[str, int], ...]] = {
+    "hnsw": (("ef_search", 1024),),
+    "ivfpq": (("nprobe", 1024), ("rerank", 64)),
+}
+
+
+def _tune(
+    index: VectorIndex, vectors: np.ndarray, keep: np.ndarray, queries: np.ndarray, held: np.ndarray, skip: set[str]
+) -> bool:
+    """Double the knobs of :data:`TUNED` (except those in ``skip``) until Recall@10 on ``queries``
+    reaches :data:`TUNE_TARGET`; ``False`` when the caps are reached first."""
+    params = index.manifest.params
+    knobs = [(name, cap) for name, cap in TUNED.get(index.manifest.kind, ()) if name not in skip]
+    while True:
+        if measure_recall(index, vectors, keep, queries, exclude=held) >= TUNE_TARGET:
+            return True
+        grew = False
+        for name, cap in knobs:
+            limit = min(cap, int(params["nlist"])) if name == "nprobe" else cap
+            if int(params[name]) < limit:
+                params[name] = min(limit, max(1, 2 * int(params[name])))
+                grew = True
+        if not grew:
+            return False
+        apply_search_params(index.faiss, index.manifest.kind, params)
 
 
 def build_index(
@@ -161,8 +292,13 @@ def build_index(
     """Encode every product of ``store`` with ``embedder`` and write a FAISS index to ``out_dir``.
 
     Vectors are spooled to a temporary ``.npy`` memmap in ``out_dir`` (n × dim × 4 bytes on disk,
-    deleted afterwards), so RAM holds one batch plus the FAISS index. ``model`` is the spec string
-    recorded for ``load_embedder`` (defaults to ``embedder.name``).
+    deleted afterwards), so RAM holds one batch plus the FAISS index. ``model`` is the spec the
+    user gave (defaults to ``embedder.name``); a directory is recorded absolute and relative to
+    ``out_dir`` (:func:`moon.index.references.model_reference`), as is the store.
+
+    For ``hnsw`` / ``ivfpq``, Recall@10 vs exact search is measured on up to ``recall_queries`` of
+    the store's own queries, encoded by ``embedder`` (``recall_source: "queries"``); a store
+    without queries gets held-out product vectors instead.
     """
     store = store if isinstance(store, ProductStore) else ProductStore(store)
     out = Path(out_dir)
@@ -185,6 +321,8 @@ def build_index(
         if len(ids) != n:
             raise DataError(f"{store.root}: products.parquet yielded {len(ids)} products, its id column {n}")
         vectors.flush()
+        chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
+        probe = _store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
         return build_index_from_vectors(
             out,
             ids,
@@ -192,11 +330,14 @@ def build_index(
             model=model or embedder.name,
             fingerprint=embedder.fingerprint(),
             store=str(store.root),
-            kind=kind,
+            kind=chosen,
             params=params,
             exact_limit=exact_limit,
             hnsw_limit=hnsw_limit,
             recall_queries=recall_queries,
+            queries=probe,
+            queries_source="queries",
+            references=model_reference(model or embedder.name, out) | store_reference(store.root, out),
             seed=seed,
             show_progress=show_progress,
         )
@@ -204,6 +345,27 @@ def build_index(
         del vectors
         if spool.exists():
             spool.unlink()
+
+
+def _store_queries(embedder: Embedder, store: ProductStore, limit: int, seed: int) -> np.ndarray | None:
+    """Up to ``limit`` of the store's queries (sampled with ``seed``), encoded; ``None`` when it has none."""
+    if limit <= 0:
+        return None
+    queries = store.queries()
+    if not queries:
+        return None
+    rows = np.sort(np.random.default_rng(seed).choice(len(queries), size=min(limit, len(queries)), replace=False))
+    try:
+        vectors = np.asarray(embedder.encode_queries([queries[int(i)] for i in rows]), dtype=np.float32)
+    except MoonError as exc:  # e.g. a query photo missing: measure on held-out product vectors instead
+        warnings.warn(
+            f"{store.root}: cannot encode its queries for the recall check ({exc}); using held-out products",
+            stacklevel=3,
+        )
+        return None
+    if vectors.shape != (len(rows), embedder.dim) or not np.isfinite(vectors).all():
+        return None
+    return vectors
 
 
 def add_products(

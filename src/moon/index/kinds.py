@@ -4,8 +4,11 @@
   the default up to ``exact_limit`` vectors (1,000,000).
 * ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)`` — graph search, full vectors kept; the default above
   ``exact_limit`` up to ``hnsw_limit`` (10,000,000).
-* ``ivfpq``: ``IndexIVFPQ`` — inverted lists + product quantisation (≈ ``pq_m`` bytes per vector);
-  the default above ``hnsw_limit``. Needs training on a sample.
+* ``ivfpq``: ``IndexIVFPQ`` — inverted lists + product quantisation (``pq_m`` codes of ``pq_nbits``
+  bits per vector in memory), then an exact re-rank of the best ``rerank·k`` candidates with the
+  full vectors memory-mapped from disk (:class:`moon.index.VectorIndex`); the default above
+  ``hnsw_limit``, unless it cannot reach the recall target on held-out queries
+  (:func:`moon.index.build_index_from_vectors`). Needs training on a sample.
 
 All use the inner-product metric and carry int64 labels, so products can be added and removed.
 """
@@ -58,6 +61,7 @@ def default_params(kind: str, dim: int, count: int) -> dict[str, Any]:
             "pq_m": _largest_divisor_at_most(dim, max(1, min(128, dim // 16))),
             "pq_nbits": nbits,
             "nprobe": max(1, min(nlist, 32)),
+            "rerank": 10,
             "train_size": min(count, max(256 * 40, 40 * nlist)),
         }
     raise ConfigError(f"unknown index kind {kind!r}")

@@ -3,12 +3,15 @@
 Layout of an index directory (documented in ``docs/serving.md``)::
 
     INDEX_DIR/
-      manifest.json    format + version, model spec + fingerprint, dim, count, kind, params,
-                       measured recall@10 of the approximate index vs exact search, store path
+      manifest.json    format + version, model reference + fingerprint, dim, count, kind, params,
+                       measured recall@10 of the approximate index vs exact search on held-out
+                       queries (and which ones), store reference
       vectors.faiss    the FAISS index (``faiss.write_index``; labels are int64)
       ids.parquet      label (int64) → product id (string)
+      rerank.f32       ``ivfpq`` only: the full float32 vectors by label, for the exact re-rank
 
-Nothing is pickled: JSON, parquet and FAISS's own binary format only.
+Nothing is pickled: JSON, parquet, raw float32 and FAISS's own binary format only. Version 2 added
+``model_relative`` / ``store_relative`` (paths relative to the index directory) and ``recall_source``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 from moon.errors import DataError
 
 FORMAT_NAME = "moon-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 FAISS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
+RERANK_FILE = "rerank.f32"
+RECALL_SOURCES = ("exact", "queries", "held-out vectors", "given queries")
 KINDS = ("exact", "hnsw", "ivfpq")
 
 
@@ -43,8 +48,15 @@ class IndexManifest:
     """What ``manifest.json`` holds.
 
     ``recall_at_10`` is the mean Recall@10 of this index against exact inner-product search,
-    measured at build time on ``recall_queries`` indexed vectors used as queries (1.0 for
-    ``exact``), when the index held ``recall_count`` vectors.
+    measured at build time on ``recall_queries`` queries that are not in the index, when it held
+    ``recall_count`` vectors (1.0 for ``exact``). ``recall_source`` says which queries:
+    ``"queries"`` — the store's own queries, encoded by the model; ``"held-out vectors"`` — product
+    vectors left out of the index while measuring (added afterwards); ``"given queries"`` — vectors
+    the caller passed; ``"exact"`` — nothing to measure.
+
+    ``model`` / ``store`` are absolute paths when they name directories, ``model_relative`` /
+    ``store_relative`` the same paths relative to the index directory (see
+    :mod:`moon.index.references`).
     """
 
     model: str
@@ -58,6 +70,9 @@ class IndexManifest:
     recall_at_10: float | None = None
     recall_queries: int = 0
     recall_count: int = 0
+    recall_source: str | None = None
+    model_relative: str | None = None
+    store_relative: str | None = None
     metric: str = "inner_product"
     created: str = field(default_factory=utc_now)
     updated: str = field(default_factory=utc_now)
@@ -71,7 +86,10 @@ class IndexManifest:
     def from_dict(cls, data: dict[str, Any], *, source: str = MANIFEST_FILE) -> IndexManifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise IndexFormatError(f"{source}: not a {FORMAT_NAME} manifest")
-        if int(data.get("version", 0)) > FORMAT_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise IndexFormatError(f"{source}: version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise IndexFormatError(
                 f"{source}: index format version {data['version']} is newer than this MOON reads ({FORMAT_VERSION})"
             )
@@ -81,7 +99,47 @@ class IndexManifest:
         missing = [k for k in ("model", "fingerprint", "dim", "kind", "store") if k not in data]
         if missing:
             raise IndexFormatError(f"{source}: missing field(s) {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        manifest.validate(source)
+        return manifest
+
+    def validate(self, source: str = MANIFEST_FILE) -> None:
+        """Types and ranges of every field (a hand-edited or crafted manifest fails here, by name)."""
+
+        def need(ok: bool, field_name: str, what: str) -> None:
+            if not ok:
+                raise IndexFormatError(f"{source}: {field_name} must be {what}, got {getattr(self, field_name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("model", "fingerprint", "store", "metric", "created", "updated"):
+            need(isinstance(getattr(self, name), str), name, "a string")
+        for name in ("model_relative", "store_relative", "recall_source"):
+            need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "a string or null")
+        need(is_int(self.dim) and 1 <= self.dim <= 1 << 16, "dim", "an integer in 1..65536")
+        for name in ("count", "next_label", "recall_queries", "recall_count", "version"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(isinstance(self.params, dict), "params", "an object")
+        for key, value in self.params.items():
+            if not is_int(value) or value < 0:
+                raise IndexFormatError(f"{source}: params.{key} must be an integer >= 0, got {value!r}")
+        need(
+            self.recall_at_10 is None
+            or (
+                isinstance(self.recall_at_10, (int, float))
+                and not isinstance(self.recall_at_10, bool)
+                and 0.0 <= self.recall_at_10 <= 1.0
+            ),
+            "recall_at_10",
+            "a number in [0, 1] or null",
+        )
+        need(
+            self.recall_source is None or self.recall_source in RECALL_SOURCES,
+            "recall_source",
+            f"one of {RECALL_SOURCES}",
+        )
+        need(self.metric == "inner_product", "metric", '"inner_product"')
 
 
 def write_manifest(index_dir: str | os.PathLike, manifest: IndexManifest) -> None:
@@ -94,7 +152,11 @@ def write_manifest(index_dir: str | os.PathLike, manifest: IndexManifest) -> Non
     os.replace(tmp, root / MANIFEST_FILE)
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+
+
 def read_manifest(index_dir: str | os.PathLike) -> IndexManifest:
+    """``INDEX_DIR/manifest.json``, validated; :class:`IndexFormatError` for anything else."""
     root = Path(index_dir)
     path = root / MANIFEST_FILE
     if not root.is_dir():
@@ -102,7 +164,13 @@ def read_manifest(index_dir: str | os.PathLike) -> IndexManifest:
     if not path.is_file():
         raise IndexFormatError(f"{root}: not a MOON index (no {MANIFEST_FILE}; build one with `moon index build`)")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise IndexFormatError(
+                f"{path}: {path.stat().st_size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
+    except RecursionError as exc:
+        raise IndexFormatError(f"{path}: unreadable manifest (nested too deeply)") from exc
     return IndexManifest.from_dict(data, source=str(path))

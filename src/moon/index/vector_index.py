@@ -18,6 +18,7 @@ from moon.index.kinds import apply_search_params, new_faiss_index
 from moon.index.manifest import (
     FAISS_FILE,
     IDS_FILE,
+    RERANK_FILE,
     IndexFormatError,
     IndexManifest,
     read_manifest,
@@ -40,7 +41,14 @@ class VectorIndex:
     """Product vectors searchable by inner product, with incremental add (upsert) and remove.
 
     Open one with :meth:`open` (an existing directory) or :meth:`create` (a new, empty one);
-    changes stay in memory until :meth:`save`.
+    changes stay in memory until :meth:`save` — except the re-rank vectors of ``ivfpq``, which
+    are written to ``rerank.f32`` as they are added (by label; rows past the saved
+    ``next_label`` are ignored when the directory is opened again).
+
+    ``ivfpq`` with ``params["rerank"] = R > 0`` answers a top-k search by asking the compressed
+    index for ``R·k`` candidates and ranking those by their exact inner products with the full
+    vectors (memory-mapped from ``rerank.f32``: 4·dim bytes per vector on disk, only the rows
+    touched in memory), so its scores are exact and its recall is that of the candidate list.
     """
 
     def __init__(self, root: str | os.PathLike, manifest: IndexManifest, index: faiss.Index, ids: dict[int, str]):
@@ -49,6 +57,12 @@ class VectorIndex:
         self.faiss = index
         self._id_of: dict[int, str] = dict(ids)
         self._label_of: dict[str, int] = {pid: label for label, pid in self._id_of.items()}
+        self._rerank_map: np.ndarray | None = None
+
+    @property
+    def rerank(self) -> int:
+        """Candidates per result for the exact re-rank (0: none; only ``ivfpq`` has one)."""
+        return int(self.manifest.params.get("rerank", 0)) if self.manifest.kind == "ivfpq" else 0
 
     # ------------------------------------------------------------------ open / create / save
     @classmethod
@@ -67,6 +81,9 @@ class VectorIndex:
         manifest = IndexManifest(
             model=model, fingerprint=fingerprint, dim=int(dim), kind=kind, store=store, params=params
         )
+        stale = Path(root) / RERANK_FILE
+        if stale.exists():  # a new index replaces the old one's re-rank rows too
+            stale.unlink()
         return cls(root, manifest, new_faiss_index(kind, int(dim), params), {})
 
     @classmethod
@@ -94,7 +111,14 @@ class VectorIndex:
                 f"manifest dim {manifest.dim}); rebuild it"
             )
         apply_search_params(index, manifest.kind, manifest.params)
-        return cls(root, manifest, index, dict(zip(labels, ids, strict=True)))
+        opened = cls(root, manifest, index, dict(zip(labels, ids, strict=True)))
+        if opened.rerank:
+            path = root / RERANK_FILE
+            need = manifest.next_label * manifest.dim * 4
+            if not path.is_file() or path.stat().st_size < need:
+                have = f"{path.stat().st_size:,} bytes" if path.is_file() else "missing"
+                raise IndexFormatError(f"{path}: {have}, the index needs {need:,} (rebuild it)")
+        return opened
 
     def save(self) -> None:
         """Write the FAISS index, the id table and (last) the manifest, each atomically."""
@@ -160,6 +184,8 @@ class VectorIndex:
         labels = np.arange(start, start + len(ids), dtype=np.int64)
         if len(ids):
             self.faiss.add_with_ids(vectors, labels)
+            if self.rerank:
+                self._write_rerank(start, vectors)
         for label, pid in zip(labels.tolist(), ids, strict=True):
             self._id_of[label] = pid
             self._label_of[pid] = label
@@ -193,6 +219,41 @@ class VectorIndex:
         self.manifest.count = len(self)
         return len(labels)
 
+    # ------------------------------------------------------------------ exact re-rank (ivfpq)
+    def _write_rerank(self, start: int, vectors: np.ndarray) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / RERANK_FILE
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.seek(start * self.manifest.dim * 4)
+            f.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self._rerank_map = None
+
+    def _rerank_vectors(self) -> np.ndarray:
+        if self._rerank_map is None:
+            path = self.root / RERANK_FILE
+            rows = path.stat().st_size // (self.manifest.dim * 4) if path.is_file() else 0
+            if rows < self.manifest.next_label:
+                raise IndexFormatError(f"{path}: holds {rows:,} vectors, the index {self.manifest.next_label:,}")
+            self._rerank_map = np.memmap(path, dtype="<f4", mode="r", shape=(rows, self.manifest.dim))
+        return self._rerank_map
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search, then (``ivfpq`` with ``rerank``) the exact re-rank of ``rerank·k`` candidates."""
+        if not self.rerank:
+            return self.faiss.search(queries, k)
+        candidates = min(len(self), k * self.rerank)
+        _, labels = self.faiss.search(queries, candidates)
+        full = self._rerank_vectors()
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_labels = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, (q, cand) in enumerate(zip(queries, labels, strict=True)):
+            cand = cand[cand >= 0]
+            exact = np.asarray(full[cand]) @ q
+            order = np.lexsort((cand, -exact))[:k]  # best first; equal scores by label
+            out_scores[row, : len(order)] = exact[order]
+            out_labels[row, : len(order)] = cand[order]
+        return out_scores, out_labels
+
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[Neighbour]]:
         """The ``k`` best products of each query (``(q, dim)`` float32), best first."""
@@ -201,7 +262,7 @@ class VectorIndex:
             raise ConfigError(f"k must be at least 1, got {k}")
         if len(self) == 0:
             return [[] for _ in range(queries.shape[0])]
-        scores, labels = self.faiss.search(queries, min(k, len(self)))
+        scores, labels = self._search(queries, min(k, len(self)))
         return [
             [
                 Neighbour(self._id_of[int(label)], float(score))
@@ -213,4 +274,4 @@ class VectorIndex:
 
     def search_labels(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Raw FAISS labels ``(q, k)`` (-1 where fewer hits); for recall measurements."""
-        return self.faiss.search(self._check(queries, "queries"), k)[1]
+        return self._search(self._check(queries, "queries"), k)[1]

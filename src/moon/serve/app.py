@@ -33,7 +33,7 @@ from moon import __version__
 from moon.data import ImageLoadError, ProductStore, Query, load_image
 from moon.embedders import Embedder
 from moon.errors import MoonError
-from moon.index import VectorIndex, check_embedder, load_index_embedder, search
+from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
 from moon.serve.body_limit import BodySizeLimit
 from moon.serve.limits import ServeLimits
 from moon.serve.metrics import Metrics
@@ -186,10 +186,10 @@ def create_app(
     limits = limits or ServeLimits()
     index = VectorIndex.open(index_dir)
     if embedder is None:
-        embedder = load_index_embedder(index.manifest)
+        embedder = load_index_embedder(index.manifest, index_dir=index_dir)
     else:
         check_embedder(index.manifest, embedder, where=str(index_dir))
-    store = ProductStore(store_dir or index.manifest.store)
+    store = ProductStore(store_dir or index_store_dir(index.manifest, index_dir))
     store.product_ids()  # fail early on a broken store
     for product_id in index.ids()[:1]:  # build the id → row lookup once, before requests race for it
         try:

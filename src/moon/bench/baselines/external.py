@@ -7,8 +7,11 @@ written against the public APIs of those projects but are untested here.
 
 * ``open-clip:ARCH`` or ``open-clip:ARCH@PRETRAINED`` (``PRETRAINED`` = a tag or a local checkpoint file),
   e.g. ``open-clip:ViT-B-32@/models/clip.bin`` or ``open-clip:ViT-B-16-SigLIP@webli``;
-* ``gme:DIR`` — a local GME-Qwen2-VL directory (loaded with ``trust_remote_code``; its ``gme_inference``
-  API: ``get_text_embeddings`` / ``get_image_embeddings`` / ``get_fused_embeddings``).
+* ``gme:DIR`` — a local GME-Qwen2-VL directory; its ``gme_inference`` API (``get_text_embeddings`` /
+  ``get_image_embeddings`` / ``get_fused_embeddings``) is Python code shipped *inside the checkpoint*,
+  so loading it runs that code: only when ``trust_remote_code`` is true, which the CLI sets for an
+  explicit ``--trust-remote-code`` flag and never for a spec read from a data file (an index
+  manifest, a saved ``embedder.json``).
 
 Products are fused as in the dual encoder: the mean of the image vectors mixed with the text vector.
 """
@@ -103,7 +106,7 @@ def load_open_clip(arg: str | None = None, **overrides: Any) -> OpenClipEmbedder
 class GmeEmbedder(_PerRecordEmbedder):
     """A GME-Qwen2-VL checkpoint (frozen) through its remote-code inference API."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, trust_remote_code: bool = False):
         p = Path(path)
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ConfigError(
@@ -111,9 +114,18 @@ class GmeEmbedder(_PerRecordEmbedder):
                 "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct on a machine with hub access and pass its directory; "
                 "nothing is downloaded at run time."
             )
+        if trust_remote_code is not True:
+            raise ConfigError(
+                f"gme:{path}: a GME checkpoint runs its own Python code (trust_remote_code); read {p} first, "
+                "then pass --trust-remote-code (or trust_remote_code as true) if you trust it"
+            )
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(str(p), trust_remote_code=True, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(
+            str(p),
+            trust_remote_code=trust_remote_code,  # True only on the user's explicit flag (checked above)
+            local_files_only=True,
+        ).eval()
         for method in ("get_text_embeddings", "get_image_embeddings", "get_fused_embeddings"):
             if not hasattr(self.model, method):
                 raise ConfigError(
@@ -133,7 +145,8 @@ class GmeEmbedder(_PerRecordEmbedder):
         return _fuse([_unit(v) for v in img], _unit(txt) if txt is not None else None)
 
 
-def load_gme(arg: str | None = None, **overrides: Any) -> GmeEmbedder:
+def load_gme(arg: str | None = None, *, trust_remote_code: bool = False, **overrides: Any) -> GmeEmbedder:
+    """``gme:DIR``; refused unless ``trust_remote_code`` (see the module docstring)."""
     if not arg:
         raise ConfigError("gme needs a local checkpoint directory: gme:/path/to/gme-Qwen2-VL-2B-Instruct")
-    return GmeEmbedder(arg)
+    return GmeEmbedder(arg, trust_remote_code=trust_remote_code)

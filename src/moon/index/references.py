@@ -1,0 +1,153 @@
+"""Which model and store an index names, recorded so that they load from any directory, read back safely.
+
+At build time :func:`model_reference` turns the user's ``--model`` into manifest fields: a model
+*directory* (``runs/small/final`` or ``dual-encoder:runs/de/final``) is stored as an absolute path
+(``model``) and as a path relative to the index directory (``model_relative``), so the index works
+from any working directory, and after the index and the model were moved together.
+
+A manifest is a data file: whoever wrote it may not be the user running ``moon search``. So
+:func:`manifest_model_spec` only ever returns specs that load weights without running code or
+reaching a model hub:
+
+* a preset name (``moon-tiny``, ``moon-small`` …) or a seeded baseline (``random``, ``random:SEED``,
+  ``dual-encoder``, ``pretrained-towers``);
+* a directory saved by ``save_pretrained`` of the ``moon``, ``dual-encoder`` or
+  ``pretrained-towers`` family (safetensors), or a transformers Qwen-VL directory (no remote code).
+
+Anything else in a manifest (``py:`` specs, ``gme:`` and ``open-clip:`` checkpoints, hub ids, other
+families) is refused with a :class:`~moon.errors.ConfigError` telling the user to pass ``--model``
+themselves if they trust it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from moon.errors import ConfigError
+from moon.index.manifest import IndexFormatError
+
+#: families whose saved directories and fresh instances are plain weights (safetensors + JSON)
+SAFE_FAMILIES = ("moon", "dual-encoder", "pretrained-towers")
+#: families that may appear bare (or ``random:SEED``) in a manifest: seeded, built in code
+_SEEDED = ("random", "dual-encoder", "pretrained-towers")
+_DIR_FAMILIES = ("dual-encoder", "pretrained-towers")
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """``"dual-encoder:DIR"`` → ``("dual-encoder:", "DIR")``; anything else → ``("", spec)``."""
+    family, sep, arg = spec.partition(":")
+    if sep and family in _DIR_FAMILIES and arg:
+        return family + ":", arg
+    return "", spec
+
+
+def model_reference(spec: str, index_dir: str | os.PathLike) -> dict[str, Any]:
+    """Manifest fields for the model ``spec`` (as the user gave it): ``{"model", "model_relative"}``."""
+    prefix, path = _split(spec)
+    p = Path(path)
+    if not p.is_dir():
+        return {"model": spec, "model_relative": None}
+    absolute = p.resolve()
+    relative = os.path.relpath(absolute, Path(index_dir).resolve())
+    return {"model": prefix + str(absolute), "model_relative": prefix + relative}
+
+
+def _presets() -> set[str]:
+    try:
+        from moon.model.config import PRESETS
+    except ImportError:  # pragma: no cover - the model package is part of moon
+        return set()
+    return set(PRESETS)
+
+
+def _refuse(spec: str, where: str) -> ConfigError:
+    return ConfigError(
+        f"{where}: names the model {spec!r}, which MOON does not load on a data file's word (only presets and "
+        "saved model directories are; a py:/gme:/open-clip: spec or a hub id could run code or reach a model hub). "
+        f"If you trust it, pass --model {spec!r} yourself"
+    )
+
+
+def _directory_spec(prefix: str, directory: Path, spec: str, where: str) -> str:
+    from moon.embedders import saved_family
+
+    family = saved_family(str(directory))
+    if prefix and family not in (None, prefix[:-1]):
+        raise ConfigError(f"{where}: {directory} holds a {family!r} model, the manifest says {prefix[:-1]!r}")
+    if family is not None and family not in SAFE_FAMILIES:
+        raise _refuse(spec, where)
+    return prefix + str(directory)
+
+
+def manifest_model_spec(manifest: Any, index_dir: str | os.PathLike) -> str:
+    """The spec to load for an index whose user gave no ``--model`` (see the module docstring).
+
+    Raises :class:`IndexFormatError` when the recorded model directory is gone, and
+    :class:`ConfigError` for a spec that is not loaded from a data file.
+    """
+    root = Path(index_dir)
+    where = f"{root / 'manifest.json'}"
+    spec = str(manifest.model)
+    prefix, path = _split(spec)
+    relative = getattr(manifest, "model_relative", None)
+    legacy = int(getattr(manifest, "version", 1)) < 2  # before model_relative: paths were as typed
+    candidates = []
+    if Path(path).is_absolute():
+        candidates.append(Path(path))
+    if relative:
+        candidates.append(root / _split(str(relative))[1])
+    if legacy and not Path(path).is_absolute():
+        candidates += [root / path, Path(path)]  # next to the index, then (as before) the working directory
+    for directory in candidates:
+        if directory.is_dir():
+            return _directory_spec(prefix, directory.resolve(), spec, where)
+    family, _, arg = spec.partition(":")
+    if spec in _presets() or (family in _SEEDED and (not arg or (family == "random" and re.fullmatch(r"\d+", arg)))):
+        return spec
+    looks_like_path = os.sep in path or path.startswith(".")
+    if prefix or Path(path).is_absolute() or relative or (legacy and looks_like_path):
+        looked = ", ".join(str(c) for c in candidates)
+        raise IndexFormatError(
+            f"{root}: the model directory the index was built with is gone (looked in {looked}); "
+            "pass --model DIR with the same model, or rebuild the index"
+        )
+    raise _refuse(spec, where)
+
+
+def store_reference(store_root: str | os.PathLike, index_dir: str | os.PathLike) -> dict[str, str]:
+    """Manifest fields for the product store: ``{"store": absolute, "store_relative": from the index}``."""
+    absolute = Path(store_root).resolve()
+    return {"store": str(absolute), "store_relative": os.path.relpath(absolute, Path(index_dir).resolve())}
+
+
+def manifest_store_dir(manifest: Any, index_dir: str | os.PathLike) -> Path:
+    """The store directory an index names: its absolute path, else the one relative to the index
+    (both moved together), else — for manifests from before ``store_relative`` — the path as written.
+    Returns the first candidate when none exists (the caller reports it)."""
+    root = Path(index_dir)
+    recorded = Path(str(manifest.store))
+    relative = getattr(manifest, "store_relative", None)
+    candidates = [recorded] if recorded.is_absolute() else []
+    if relative:
+        candidates.append(root / relative)
+    if not recorded.is_absolute():
+        candidates += [root / recorded, recorded]
+    for c in candidates:
+        if (c / "manifest.json").is_file():
+            return c
+    return candidates[0] if candidates else recorded
+
+
+def load_user_embedder(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """``moon.load_embedder(spec)`` for a spec the user typed (``--model``). ``trust_remote_code``
+    (the ``--trust-remote-code`` flag) reaches only the ``gme`` family, the one whose checkpoints
+    carry their own Python code; without it they are refused."""
+    from moon.embedders import load_embedder, saved_family
+
+    family = saved_family(spec) if Path(spec).is_dir() else spec.partition(":")[0]
+    if family == "gme" and trust_remote_code:
+        return load_embedder(spec, trust_remote_code=trust_remote_code)  # the user's explicit flag
+    return load_embedder(spec)
