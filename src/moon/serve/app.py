@@ -3,7 +3,11 @@
 Routes: ``GET /`` (search page), ``POST /search``, ``POST /embed``, ``GET /products/{id}``,
 ``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics``. Every error is JSON
 ``{"error": {"code": <status>, "message": "..."}}``. Product ids are only ever dictionary keys;
-image files are served from the record's path after checking it lies inside the store.
+image files are served from the record's path after checking it lies inside the store, and only
+raster types (never SVG, which can carry script); every response says ``X-Content-Type-Options:
+nosniff``. Uploaded images are decoded in a worker thread inside the model-concurrency limit, so
+decoding never blocks the event loop (health checks answer meanwhile) and at most ``concurrency``
+images are decoded at once.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import json
-import mimetypes
 import os
 import threading
 import time
@@ -38,6 +41,7 @@ from moon.serve.body_limit import BodySizeLimit
 from moon.serve.limits import ServeLimits
 from moon.serve.metrics import Metrics
 
+#: the only files ``/products/{id}/image`` serves: raster formats a browser cannot run script from
 IMAGE_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -46,6 +50,10 @@ IMAGE_TYPES = {
     ".gif": "image/gif",
     ".bmp": "image/bmp",
 }
+#: HTTP methods counted by name in ``/metrics``; any other is counted as ``OTHER``
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: the deepest JSON body accepted (a query is an object of three scalars)
+MAX_JSON_DEPTH = 32
 
 
 class ApiError(Exception):
@@ -77,7 +85,8 @@ class _Service:
         self._slots = threading.BoundedSemaphore(limits.concurrency)
 
     async def call(self, fn, *args, **kwargs):
-        """Run ``fn(*args, **kwargs)`` in a worker thread; 504 when it does not finish within the timeout."""
+        """Run ``fn(*args, **kwargs)`` in a worker thread, holding one of ``concurrency`` slots;
+        504 when it does not finish within the timeout."""
         deadline = time.monotonic() + self.limits.timeout_s
 
         def guarded():
@@ -96,16 +105,46 @@ class _Service:
             raise ApiError(504, f"the request took longer than the {self.limits.timeout_s:g} s limit") from None
 
 
-async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) -> tuple[Query, int]:
-    """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k."""
+def _json_depth_ok(body: bytes, limit: int) -> bool:
+    """Whether brackets in ``body`` nest at most ``limit`` deep (a cheap scan before ``json.loads``,
+    which would recurse once per level; brackets inside strings count too, which only errs on the
+    side of refusing)."""
+    depth = 0
+    for byte in body:
+        if byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return True
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            400, f"text is not valid Unicode (a lone surrogate {text[exc.start]!r} at position {exc.start})"
+        ) from None
+
+
+async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) -> tuple[Query, int, bytes | None]:
+    """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k.
+
+    Returns ``(query without images, k, image bytes or None)``: the image is decoded later, by
+    :func:`_decode_image` inside the worker slot."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     text: Any = None
     k: Any = 10
     image_bytes: bytes | None = None
     if ctype == "application/json":
+        body = await request.body()
+        if not _json_depth_ok(body, MAX_JSON_DEPTH):
+            raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
-            payload = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
+            payload = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, f"the body is not valid JSON ({exc})") from None
         if not isinstance(payload, dict):
             raise ApiError(400, 'the JSON body must be an object like {"text": "red sneaker", "k": 10}')
@@ -144,6 +183,8 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
 
     if text is not None and not isinstance(text, str):
         raise ApiError(400, "text must be a string")
+    if text is not None:
+        _check_text(text)
     text = (text or "").strip() or None
     if text is not None and len(text) > limits.max_text_chars:
         raise ApiError(400, f"text is {len(text):,} characters long; the limit is {limits.max_text_chars:,}")
@@ -156,15 +197,20 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
             raise ApiError(400, f"k must be an integer, got {k!r}") from None
         if not 1 <= k <= limits.max_k:
             raise ApiError(400, f"k must be between 1 and {limits.max_k}, got {k}")
-    images = []
-    if image_bytes is not None:
-        try:
-            images.append(load_image(image_bytes, max_pixels=limits.max_pixels, name="uploaded image"))
-        except ImageLoadError as exc:
-            raise ApiError(413 if exc.reason.startswith("too large") else 400, str(exc)) from None
-    if text is None and not images:
+    if text is None and image_bytes is None:
         raise ApiError(400, "give a query text, an image, or both")
-    return Query(id="request", text=text, images=images), int(k)
+    return Query(id="request", text=text, images=[]), int(k), image_bytes
+
+
+def _decode_image(query: Query, image_bytes: bytes | None, limits: ServeLimits) -> Query:
+    """``query`` with the uploaded image decoded (in the worker thread; raises :class:`ApiError`)."""
+    if image_bytes is None:
+        return query
+    try:
+        image = load_image(image_bytes, max_pixels=limits.max_pixels, name="uploaded image")
+    except ImageLoadError as exc:
+        raise ApiError(413 if exc.reason.startswith("too large") else 400, str(exc)) from None
+    return Query(id=query.id, text=query.text, images=[image])
 
 
 def create_app(
@@ -234,11 +280,13 @@ def create_app(
         status = 500
         try:
             response = await call_next(request)
+            response.headers["X-Content-Type-Options"] = "nosniff"
             status = response.status_code
             return response
         finally:
             route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "(unmatched)"), request.method, status, time.perf_counter() - start)
+            method = request.method if request.method in METHODS else "OTHER"
+            metrics.observe(getattr(route, "path", "(unmatched)"), method, status, time.perf_counter() - start)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -250,11 +298,19 @@ def create_app(
             },
         )
 
+    def _search(query: Query, image: bytes | None, k: int) -> tuple[Query, list[Any]]:
+        query = _decode_image(query, image, limits)
+        return query, search(service.index, service.embedder, query, k=k, store=service.store)
+
+    def _embed(query: Query, image: bytes | None) -> tuple[Query, Any]:
+        query = _decode_image(query, image, limits)
+        return query, service.embedder.encode_queries([query])
+
     @app.post("/search")
     async def search_route(request: Request) -> dict[str, Any]:
-        query, k = await _read_query(request, limits, with_k=True)
+        query, k, image = await _read_query(request, limits, with_k=True)
         start = time.perf_counter()
-        hits = await service.call(search, service.index, service.embedder, query, k=k, store=service.store)
+        query, hits = await service.call(_search, query, image, k)
         results = []
         for hit in hits:
             row = asdict(hit)
@@ -273,8 +329,8 @@ def create_app(
 
     @app.post("/embed")
     async def embed_route(request: Request) -> dict[str, Any]:
-        query, _ = await _read_query(request, limits, with_k=False)
-        vectors = await service.call(service.embedder.encode_queries, [query])
+        query, _, image = await _read_query(request, limits, with_k=False)
+        query, vectors = await service.call(_embed, query, image)
         vector = np.asarray(vectors, dtype=np.float32)[0]
         return {
             "model": service.index.manifest.model,
@@ -311,12 +367,19 @@ def create_app(
         root = service.store.root
         if root not in path.parents:
             raise ApiError(403, f"image {n} of product {product_id!r} lies outside the store; refusing to serve it")
-        media_type = IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or ""
-        if not media_type.startswith("image/"):
-            raise ApiError(403, f"image {n} of product {product_id!r} is not an image file type")
+        media_type = IMAGE_TYPES.get(path.suffix.lower())
+        if media_type is None:
+            raise ApiError(
+                403,
+                f"image {n} of product {product_id!r} is not a raster image type ({', '.join(sorted(IMAGE_TYPES))})",
+            )
         if not path.is_file():
             raise ApiError(404, f"image {n} of product {product_id!r} is missing from the store")
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+        return FileResponse(
+            path,
+            media_type=media_type,
+            headers={"Cache-Control": "public, max-age=3600", "Content-Security-Policy": "default-src 'none'"},
+        )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
