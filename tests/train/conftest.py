@@ -72,6 +72,13 @@ def make_store(root: Path, *, n_products: int = 48, n_queries: int = 160, seed: 
     return root
 
 
+@pytest.fixture
+def store_factory():
+    """:func:`make_store` as a fixture (test modules cannot ``import conftest`` reliably: pytest
+    puts every test folder's conftest under the one module name)."""
+    return make_store
+
+
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "store")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import make_store
 
 RUN = r"""
 import sys
@@ -39,9 +38,9 @@ def _records(out: Path) -> list[dict]:
     return records
 
 
-def test_same_seed_config_and_threads_give_identical_training(tmp_path, monkeypatch):
+def test_same_seed_config_and_threads_give_identical_training(tmp_path, monkeypatch, store_factory):
     threads = min(2, os.cpu_count() or 1)  # 2 where there are 2 cores: threads that could race
-    store = make_store(tmp_path / "store", n_products=24, n_queries=80)
+    store = store_factory(tmp_path / "store", n_products=24, n_queries=80)
     monkeypatch.setenv("MOON_PROGRESS", "off")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
