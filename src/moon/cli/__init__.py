@@ -16,6 +16,7 @@ from moon.errors import MoonError
 
 # command name → (module, attribute, one-line help). Each module owns one command or group.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "assets": ("moon.cli.assets", "assets", "Pretrained weights that install offline: list, install, verify."),
     "data": ("moon.cli.data", "data", "Product stores: synthesise, import MBE, validate, stats, gallery."),
     "detect": ("moon.cli.detect", "detect", "Core product region detection: train, eval, run, gallery."),
     "eval": ("moon.cli.eval", "eval_cmd", "Benchmark embedders on MBE-style tasks; compare results."),
@@ -65,7 +66,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moon")
 def cli() -> None:
-    """MOON: product embeddings from a generative multimodal LLM (Qwen2.5-VL).
+    """MOON: product embeddings from a generative multimodal LLM (Qwen2.5-VL or a grafted causal LM).
 
     Run `moon COMMAND --help` for each command's options.
     """

