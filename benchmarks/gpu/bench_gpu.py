@@ -625,11 +625,11 @@ def packed_embed(emb: MoonEmbedder, batch: PackedBatch, attn: VarlenAttention) -
             max_window_seqlen=max_window,
         )
         image_embeds = vis.pooler_output if hasattr(vis, "pooler_output") else vis
-        embeds = embeds.masked_scatter((ids == emb.image_token_id).unsqueeze(-1), image_embeds.to(embeds.dtype))
+        embeds = embeds.masked_scatter((ids == int(base.config.image_token_id)).unsqueeze(-1), image_embeds.to(embeds.dtype))
     pids = batch.padded_ids.to(dev)
     pmask = batch.padded_mask.to(dev)
     positions, _ = base.get_rope_index(
-        pids, mm_token_type_ids=(pids == emb.image_token_id).long(), image_grid_thw=grid, attention_mask=pmask
+        pids, mm_token_type_ids=(pids == int(base.config.image_token_id)).long(), image_grid_thw=grid, attention_mask=pmask
     )
     positions = positions.reshape(3, -1).index_select(1, batch.padded_index.to(dev))[:, None, :]  # (3, 1, T)
     pos_emb = lm.rotary_emb(embeds, positions)

@@ -89,6 +89,7 @@ _LAZY: dict[str, str] = {
     "random": "moon.bench.baselines",
     "dual-encoder": "moon.bench.baselines",
     "pretrained-towers": "moon.bench.baselines",
+    "two-tower": "moon.bench.baselines",
     "open-clip": "moon.bench.baselines",
     "gme": "moon.bench.baselines",
 }

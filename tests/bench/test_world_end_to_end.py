@@ -5,8 +5,8 @@ import json
 import pytest
 
 from moon.bench import evaluate, write_comparison, write_results
-from moon.bench.baselines.pretrained_towers import TOWERS
 from moon.embedders import load_embedder
+from moon.model.graft import FEATURE_CACHE
 
 world = pytest.importorskip("moon.world")
 
@@ -42,7 +42,7 @@ def test_all_baselines_end_to_end_on_a_world(world_dir, tmp_path):
             assert all(v is not None and 0.0 <= v <= 1.0 for v in t.metrics.values()), (spec, t.spec.name)
         write_results(result, tmp_path / spec, plots=spec == "random")
         dirs.append(tmp_path / spec)
-    assert TOWERS.image_cache  # the frozen tower features were cached for reuse
+    assert FEATURE_CACHE.entries  # the frozen tower features were cached for reuse
     out = write_comparison(dirs, tmp_path / "compare.json")
     table = json.loads(out.read_text())
     assert len(table) == 3 and all("product2product" in scores for scores in table.values())

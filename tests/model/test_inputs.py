@@ -15,7 +15,7 @@ def _aspect_text(emb, item, aspect):
 
 def test_product_text_is_the_shared_template(tiny, products):
     item = tiny.build_product_inputs([products[0]])[0]
-    text_ids = item.input_ids[item.input_ids != tiny.inputs.image_pad_id]
+    text_ids = item.input_ids[item.input_ids != tiny.inputs.markers.image_pad]
     decoded = tiny.tokenizer.decode(text_ids.tolist())
     expected = (
         tiny.config.product_instruction + "<|vision_start|><|vision_end|>" + product_text(products[0]) + "<|im_end|>"
@@ -37,7 +37,7 @@ def test_aspect_tags_cover_the_right_tokens(tiny, products):
     n_vision = int((item.aspect_ids == ASPECTS.index("vision")).sum())
     n_crop = int((item.aspect_ids == ASPECTS.index("crop")).sum())
     assert n_crop == per_image[1] and n_vision == sum(per_image) - per_image[1]
-    assert int((item.input_ids == tiny.inputs.image_pad_id).sum()) == sum(per_image)
+    assert int((item.input_ids == tiny.inputs.markers.image_pad).sum()) == sum(per_image)
     assert item.pixel_values.shape[0] == int(grid.prod(-1).sum())
 
 
@@ -51,7 +51,7 @@ def test_empty_category_and_attributes_are_omitted(tiny, images):
 def test_crops_are_skipped_when_disabled(tiny, products):
     from moon.model.inputs import InputBuilder
 
-    builder = InputBuilder(tiny.config.replace(use_crops=False), tiny.tokenizer, tiny.image_processor)
+    builder = InputBuilder(tiny.config.replace(use_crops=False), tiny.tokenizer, tiny.inputs.images, tiny.inputs.markers)
     item = builder.product(products[1])
     assert item.image_aspects == ["vision"] * 3
 

@@ -45,7 +45,9 @@ def backbone_config_from_dict(data: dict[str, Any]):
 def preset_backbone_config(name: str):
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return backbone_config_from_dict(PRESETS[name][0])
+    if PRESETS[name].backbone is None:
+        raise ConfigError(f"preset {name!r} is a {PRESETS[name].family} preset, not a Qwen-VL backbone config")
+    return backbone_config_from_dict(PRESETS[name].backbone)
 
 
 def build_backbone(config, *, seed: int, device: str | torch.device | None = None) -> nn.Module:
@@ -63,6 +65,19 @@ def build_backbone(config, *, seed: int, device: str | torch.device | None = Non
 
 def is_local_dir(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).is_dir()
+
+
+def checkpoint_model_type(name_or_path: str) -> str:
+    """The transformers ``model_type`` of a checkpoint directory or hub id (its config only)."""
+    from transformers import AutoConfig
+
+    try:
+        return str(AutoConfig.from_pretrained(str(name_or_path)).model_type)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{name_or_path}: not a preset ({', '.join(PRESETS)}), not a saved MOON directory and not a loadable "
+            f"transformers checkpoint ({exc})"
+        ) from exc
 
 
 def load_backbone(name_or_path: str, *, dtype: torch.dtype | None = None) -> nn.Module:

@@ -11,8 +11,9 @@ random, seeded weights: the same name and seed always give the same weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from moon.errors import ConfigError
 
@@ -32,6 +33,64 @@ ASPECT_TO_EXPERT: dict[str, str] = {
 }
 MOE_MODES = ("guided", "hard", "learned", "dense")
 POOLINGS = ("mean", "last")
+
+
+@dataclass
+class GraftConfig:
+    """What a graft backbone is made of (a field of :class:`moon.model.MoonConfig`).
+
+    Attributes:
+        lm: the causal LM: ``asset:NAME`` (see ``moon assets list``), a local transformers
+            directory, a hub id, or ``random`` (built from ``lm_config`` with the config's seed).
+        lm_config: a transformers config dict with ``model_type`` (only for ``lm="random"``).
+        tokenizer: ``None`` (the LM's own) or ``qwen2-offline`` (MOON's offline Qwen2 tokenizer).
+        image_encoder: a name of :func:`moon.model.image_encoders.build_image_encoder`.
+        image_size: the encoder's input side (``None``: its default, 224 for EfficientNet-Lite0).
+        image_tokens: visual tokens per image, a square number (the pooled grid is √k × √k).
+        keep_layers: keep only the first N decoder layers of the LM (``None``: all).
+        freeze_image_encoder: never train the encoder; cache its features (see the module docstring).
+        projector_hidden: hidden width of the 2-layer MLP projector (``None``: the LM's hidden size).
+        image_open / image_close: the text that brackets each image's visual tokens.
+        feature_cache: at most this many images' features are kept in the process-wide cache.
+    """
+
+    lm: str = "asset:smollm2-135m"
+    lm_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    image_encoder: str = "efficientnet-lite0"
+    image_size: int | None = None
+    image_tokens: int = 4
+    keep_layers: int | None = None
+    freeze_image_encoder: bool = True
+    projector_hidden: int | None = None
+    image_open: str = "<image>"
+    image_close: str = ""
+    feature_cache: int = 20000
+
+    def __post_init__(self) -> None:
+        side = math.isqrt(self.image_tokens) if self.image_tokens > 0 else 0
+        if self.image_tokens < 1 or side * side != self.image_tokens:
+            raise ConfigError(f"graft.image_tokens={self.image_tokens}: must be a square number (1, 4, 9, 16 …)")
+        if self.keep_layers is not None and self.keep_layers < 1:
+            raise ConfigError(f"graft.keep_layers={self.keep_layers}: must be >= 1 or null")
+        if self.lm == "random" and not self.lm_config:
+            raise ConfigError("graft.lm=random needs graft.lm_config (a transformers config dict with model_type)")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"graft.image_size={self.image_size}: must be >= 16")
+        if self.feature_cache < 0:
+            raise ConfigError(f"graft.feature_cache={self.feature_cache}: must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | GraftConfig) -> GraftConfig:
+        if isinstance(data, GraftConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"graft: expected a mapping, got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown graft field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
 
 
 @dataclass
@@ -55,6 +114,15 @@ class MoonConfig:
         moe_guidance_init: initial guidance-table value for an aspect's own expert.
         moe_guidance_scale: gamma, the weight of the guidance term in the router logits.
         moe_aux_weight: weight of the Switch load-balancing loss returned by ``aux_loss()``.
+        center: subtract a centre vector (set by :meth:`MoonEmbedder.calibrate` from a sample of
+            records; zero until then) from the pooled vector before normalising. A pretrained LM's
+            mean-pooled states share one dominant direction (mean product cosine ≈ 0.99 for
+            SmolLM2): centring removes it (cf. BERT-whitening), see docs/model.md.
+        precision: what ``encode_products``/``encode_queries`` compute in: ``fp32``; ``bf16``
+            (autocast); ``auto`` = bf16 on CUDA and on CPUs with native bf16, else fp32
+            (:mod:`moon.precision`). Training precision is ``run.precision`` of the trainer.
+        graft: a :class:`GraftConfig` for the graft family (image encoder → projector → causal LM);
+            ``None`` for the Qwen-VL family. ``min_pixels``/``max_pixels`` apply to Qwen-VL only.
     """
 
     backbone: str = "moon-tiny"
@@ -76,15 +144,22 @@ class MoonConfig:
     moe_guidance_init: float = 4.0
     moe_guidance_scale: float = 1.0
     moe_aux_weight: float = 0.01
+    center: bool = False
+    precision: str = "fp32"
+    graft: GraftConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.graft is not None and not isinstance(self.graft, GraftConfig):
+            self.graft = GraftConfig.from_dict(self.graft)
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the bad field and value."""
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}: expected auto, fp32 or bf16")
         if self.moe_mode not in MOE_MODES:
             raise ConfigError(f"moe_mode={self.moe_mode!r}: expected one of {', '.join(MOE_MODES)}")
         if not 1 <= self.moe_top_k <= len(EXPERTS):
@@ -115,8 +190,12 @@ class MoonConfig:
         return cls(**data)
 
     def replace(self, **overrides: Any) -> MoonConfig:
-        """A copy with ``overrides`` applied (unknown names raise :class:`ConfigError`)."""
+        """A copy with ``overrides`` applied (unknown names raise :class:`ConfigError`); a ``graft``
+        dict is merged into the current graft config field by field."""
         data = self.to_dict()
+        graft = overrides.get("graft")
+        if isinstance(graft, dict) and isinstance(data.get("graft"), dict):
+            overrides = {**overrides, "graft": {**data["graft"], **graft}}  # graft fields merge
         data.update(overrides)
         return MoonConfig.from_dict(data)
 
@@ -182,9 +261,33 @@ def _qwen25_config(
     }
 
 
-#: preset name → (backbone config dict, MoonConfig overrides)
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "moon-tiny": (
+class Preset(NamedTuple):
+    """A named starting point: ``backbone`` is the random-init Qwen-VL config dict (``None`` for
+    graft presets, whose parts are named in ``overrides["graft"]``), ``overrides`` the MoonConfig fields."""
+
+    backbone: dict[str, Any] | None
+    overrides: dict[str, Any]
+    family: str = "qwen-vl"
+    description: str = ""
+
+
+#: a tiny random Qwen2 decoder for the graft used by tests (the offline Qwen2 tokenizer's vocabulary)
+_TINY_QWEN2_LM = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+#: preset name → :class:`Preset`
+PRESETS: dict[str, Preset] = {
+    "moon-tiny": Preset(
         _qwen25_config(
             hidden=64,
             inter=128,
@@ -199,8 +302,9 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             window=112,  # = max image side: one attention window per image
         ),
         {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "max_text_tokens": 128},
+        description="Qwen2.5-VL architecture, 2 layers × 64, random init (tests)",
     ),
-    "moon-small": (
+    "moon-small": Preset(
         _qwen25_config(
             hidden=256,
             inter=512,
@@ -215,10 +319,11 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             window=112,  # = max image side: one attention window per image
         ),
         {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "max_text_tokens": 128},
+        description="Qwen2.5-VL architecture, 4 layers × 256, random init (the from-scratch reference)",
     ),
     # The Qwen2.5-VL-3B shape (random init, for GPU benchmarks). Upcycling all 36 layers into
     # 1 + 4 experts would make a ~12B model, so the preset upcycles the last 4 layers only.
-    "moon-3b": (
+    "moon-3b": Preset(
         _qwen25_config(
             hidden=2048,
             inter=11008,
@@ -233,5 +338,43 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             window=112,
         ),
         {"min_pixels": 56 * 56, "max_pixels": 448 * 448, "max_text_tokens": 256, "moe_layers": [32, 33, 34, 35]},
+        description="the Qwen2.5-VL-3B shape, random init (GPU benchmarks; real weights: a directory or hub id)",
     ),
-}
+    # Graft presets: real pretrained parts that install offline (`moon assets list`). What they keep
+    # and why (tokens per image, kept layers, MoE layers) is measured in docs/model.md.
+    "moon-smol": Preset(
+        None,
+        {
+            "graft": {"lm": "asset:smollm2-135m", "image_encoder": "efficientnet-lite0", "image_tokens": 4,
+                      "keep_layers": 12},
+            "moe_layers": [-4, -3, -2, -1],
+            "max_text_tokens": 128,
+            "precision": "auto",
+            "center": True,
+        },
+        family="graft",
+        description="EfficientNet-Lite0 + SmolLM2-135M (first 12 of 30 layers), pretrained; the CPU demo model",
+    ),
+    "moon-qwen0.5b": Preset(
+        None,
+        {
+            "graft": {"lm": "asset:qwen2.5-0.5b", "image_encoder": "efficientnet-lite0", "image_tokens": 9},
+            "moe_layers": [-8, -7, -6, -5, -4, -3, -2, -1],
+            "max_text_tokens": 256,
+            "precision": "auto",
+            "center": True,
+        },
+        family="graft",
+        description="EfficientNet-Lite0 + Qwen2.5-0.5B (24 layers), pretrained; opt-in asset, for a GPU",
+    ),
+    "moon-graft-tiny": Preset(
+        None,
+        {
+            "graft": {"lm": "random", "lm_config": _TINY_QWEN2_LM, "tokenizer": "qwen2-offline",
+                      "image_encoder": "tiny-cnn", "image_size": 64, "image_tokens": 4},
+            "max_text_tokens": 128,
+        },
+        family="graft",
+        description="a tiny random graft (tiny CNN + 2-layer Qwen2 decoder; tests, no asset needed)",
+    ),
+}  # fmt: skip

@@ -1,8 +1,10 @@
-"""The MOON embedder: a Qwen-VL backbone that embeds whole products and queries.
+"""The MOON embedder: one multimodal backbone that embeds whole products and queries.
 
-``MoonEmbedder.from_pretrained(name_or_path)`` accepts a preset name (``moon-tiny``,
-``moon-small``, ``moon-3b``), a directory written by :meth:`MoonEmbedder.save_pretrained`, a
-transformers Qwen-VL checkpoint directory or a hub id. Importing this module registers the
+``MoonEmbedder.from_pretrained(name_or_path)`` accepts a preset name (``moon-smol``, ``moon-tiny``
+…, see :data:`moon.model.PRESETS`), a directory written by :meth:`MoonEmbedder.save_pretrained`, a
+transformers Qwen-VL checkpoint directory or hub id, or any other causal LM directory / hub id
+(grafted onto an image encoder, see :mod:`moon.model.graft`). Everything that depends on the kind
+of backbone lives in its :class:`~moon.model.family.BackboneFamily`. Importing this module registers the
 ``moon`` family with :func:`moon.embedders.load_embedder`.
 """
 
@@ -22,26 +24,25 @@ from torch import nn
 from moon.data import Product, Query
 from moon.embedders import EMBEDDER_FILE, register_embedder
 from moon.errors import ConfigError
+from moon.model.backbone import SUPPORTED as SUPPORTED_QWEN
 from moon.model.backbone import (
     backbone_config_from_dict,
-    base_model,
     build_backbone,
-    language_model,
+    checkpoint_model_type,
     load_backbone,
     preset_backbone_config,
 )
 from moon.model.config import ASPECTS, EXPERTS, PRESETS, MoonConfig
-from moon.model.inputs import EncodedInput, InputBuilder, collate
+from moon.model.family import PROCESSOR_DIR, QWEN_VL, BackboneFamily, family_for
+from moon.model.inputs import EncodedInput, collate
 from moon.model.moe import RoutingState, aux_loss, checkpoint_context_fn, moe_layers, upcycle
 from moon.model.pooling import pool
-from moon.model.processors import image_processor, load_tokenizer, qwen2_tokenizer
+from moon.model.processors import load_tokenizer, qwen2_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
-BACKBONE_DIR = "backbone"
-PROCESSOR_DIR = "processor"
-FORMAT_VERSION = 1
-_STRUCTURAL = ("moe_mode", "moe_layers", "moe_top_k", "projection_dim")
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+FORMAT_VERSION = 2  # 2: the graft family (a "family" key); version-1 directories are Qwen-VL and still load
+_STRUCTURAL = ("moe_mode", "moe_layers", "moe_top_k", "projection_dim", "graft", "center")
+DEFAULT_LORA_TARGETS = QWEN_VL.lora_targets
 
 
 def default_device() -> torch.device:
@@ -49,7 +50,7 @@ def default_device() -> torch.device:
 
 
 class MoonEmbedder(nn.Module):
-    """Product/query embedder over a Qwen-VL backbone (implements ``TrainableEmbedder``).
+    """Product/query embedder over a Qwen-VL or graft backbone (implements ``TrainableEmbedder``).
 
     ``encode_products`` / ``encode_queries`` return float32 ``(n, dim)`` arrays, L2-normalised.
     """
@@ -60,21 +61,10 @@ class MoonEmbedder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.name = name or config.backbone
+        self.family: BackboneFamily = family_for(config)
         self.routing = RoutingState()
-        bcfg = base_model(backbone).config
-        text_cfg = bcfg.get_text_config()
-        vcfg = bcfg.vision_config
-        self.image_token_id = int(bcfg.image_token_id)
-        self.image_processor = image_processor(
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-            patch_size=vcfg.patch_size,
-            merge_size=vcfg.spatial_merge_size,
-            temporal_patch_size=vcfg.temporal_patch_size,
-        )
-        self.merge_size = int(vcfg.spatial_merge_size)
-        self.inputs = InputBuilder(config, tokenizer, self.image_processor, merge_size=self.merge_size)
-        hidden = int(text_cfg.hidden_size)
+        self.inputs = self.family.input_builder(config, tokenizer, backbone)
+        hidden = self.family.hidden_size(backbone)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             self.moe_layer_ids: list[int] = []
@@ -85,6 +75,8 @@ class MoonEmbedder(nn.Module):
                 if config.projection_dim
                 else None
             )
+        if config.center:
+            self.register_buffer("center", torch.zeros(hidden, device=next(backbone.parameters()).device))
         out = config.projection_dim or hidden
         self.dim = min(config.matryoshka_dim, out) if config.matryoshka_dim else out
         self._lora = False
@@ -96,7 +88,7 @@ class MoonEmbedder(nn.Module):
         if c.moe_mode == "dense":
             return []
         self.moe_layer_ids = upcycle(
-            language_model(self.backbone),
+            self.family.text_model(self.backbone),
             self.routing,
             layers=c.moe_layers,
             mode=c.moe_mode,
@@ -115,11 +107,13 @@ class MoonEmbedder(nn.Module):
         dtype: torch.dtype | str | None = None,
         **overrides: Any,
     ) -> MoonEmbedder:
-        """Load a preset, a saved MOON directory, a Qwen-VL checkpoint directory or a hub id.
+        """Load a preset, a saved MOON directory, a Qwen-VL checkpoint directory or hub id, or a
+        causal LM directory or hub id (grafted onto ``graft.image_encoder``).
 
-        ``overrides`` are :class:`MoonConfig` fields (``moe_mode="dense"``, ``pooling="last"`` …).
-        ``device`` defaults to CUDA when available; ``dtype`` to bf16 on CUDA, float32 on CPU.
-        ``device="meta"`` builds a preset's structure without allocating weights.
+        ``overrides`` are :class:`MoonConfig` fields (``moe_mode="dense"``, ``pooling="last"``,
+        ``graft={"keep_layers": 8}`` …). ``device`` defaults to CUDA when available; ``dtype`` to bf16
+        on CUDA, float32 on CPU. ``device="meta"`` builds a Qwen-VL preset's structure without
+        allocating weights.
         """
         name_or_path = str(name_or_path)
         dev = torch.device(device) if device is not None else default_device()
@@ -131,25 +125,48 @@ class MoonEmbedder(nn.Module):
         if (path / EMBEDDER_FILE).is_file():
             emb = cls._load_saved(path, overrides)
         elif name_or_path in PRESETS:
-            config = MoonConfig(backbone=name_or_path, **PRESETS[name_or_path][1]).replace(**overrides)
-            backbone = build_backbone(preset_backbone_config(name_or_path), seed=config.seed, device=dev)
-            emb = cls(config, backbone, qwen2_tokenizer(), name=name_or_path)
+            preset = PRESETS[name_or_path]
+            config = MoonConfig(backbone=name_or_path).replace(**preset.overrides).replace(**overrides)
+            emb = cls._build(config, name_or_path, dev)
         else:
+            graft = overrides.get("graft")
+            if isinstance(graft, dict) and "lm" not in graft:  # graft fields given: the LM is this path
+                overrides = {**overrides, "graft": {**graft, "lm": name_or_path}}
             config = MoonConfig(backbone=name_or_path).replace(**overrides)
-            backbone = load_backbone(name_or_path, dtype=dtype)
-            emb = cls(config, backbone, load_tokenizer(name_or_path), name=name_or_path)
+            if config.graft is None and checkpoint_model_type(name_or_path) not in SUPPORTED_QWEN:
+                config = config.replace(graft={"lm": name_or_path})  # any other causal LM: graft it
+            if config.graft is not None:
+                emb = cls._build(config, name_or_path, dev)
+            else:
+                backbone = load_backbone(name_or_path, dtype=dtype)
+                emb = cls(config, backbone, load_tokenizer(name_or_path), name=name_or_path)
         if dev.type != "meta":
             emb.to(device=dev, dtype=dtype)
         return emb.eval()
 
     @classmethod
+    def _build(cls, config: MoonConfig, name: str, dev: torch.device) -> MoonEmbedder:
+        """A fresh embedder from a config: a seeded random Qwen-VL preset, or a graft of pretrained parts."""
+        if config.graft is not None:
+            from moon.model.graft import build_graft, load_tokenizer_for
+
+            return cls(config, build_graft(config.graft, seed=config.seed), load_tokenizer_for(config.graft), name=name)
+        backbone = build_backbone(preset_backbone_config(config.backbone), seed=config.seed, device=dev)
+        return cls(config, backbone, qwen2_tokenizer(), name=name)
+
+    @classmethod
     def _load_saved(cls, path: Path, overrides: dict[str, Any]) -> MoonEmbedder:
         from safetensors.torch import load_file
-        from transformers import AutoConfig
 
-        meta = json.loads((path / EMBEDDER_FILE).read_text(encoding="utf-8"))
-        if meta.get("family") != "moon":
-            raise ConfigError(f"{path / EMBEDDER_FILE}: family {meta.get('family')!r} is not 'moon'")
+        try:
+            meta = json.loads((path / EMBEDDER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path / EMBEDDER_FILE}: unreadable ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("family") != "moon":
+            family = meta.get("family") if isinstance(meta, dict) else None
+            raise ConfigError(f"{path / EMBEDDER_FILE}: family {family!r} is not 'moon'")
+        if not isinstance(meta.get("config"), dict):
+            raise ConfigError(f"{path / EMBEDDER_FILE}: no 'config' mapping")
         saved = MoonConfig.from_dict(meta["config"])
         config = saved.replace(**overrides)
         changed = [k for k in _STRUCTURAL if getattr(config, k) != getattr(saved, k)]
@@ -160,28 +177,36 @@ class MoonEmbedder(nn.Module):
             raise ConfigError(
                 f"{path}: cannot override {', '.join(changed)} of a saved model (only dense → MoE upcycling is possible)"
             )
-        bcfg = AutoConfig.from_pretrained(str(path / BACKBONE_DIR))
-        backbone = build_backbone(bcfg, seed=saved.seed)
-        tokenizer = (
-            qwen2_tokenizer() if meta.get("tokenizer") == "qwen2-offline" else load_tokenizer(path / PROCESSOR_DIR)
-        )
+        family = family_for(saved)
+        backbone = family.build_saved(path, saved)
+        if meta.get("tokenizer") == "qwen2-offline":
+            tokenizer = qwen2_tokenizer()
+        elif saved.graft is not None:
+            from moon.model.graft import load_tokenizer_for
+
+            tokenizer = load_tokenizer_for(saved.graft, saved=path / PROCESSOR_DIR)
+        else:
+            tokenizer = load_tokenizer(path / PROCESSOR_DIR)
         emb = cls(saved, backbone, tokenizer, name=meta.get("name"))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise ConfigError(f"{path}: {WEIGHTS_FILE} is missing")
-        emb.load_state_dict(load_file(str(weights)), strict=True)
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        try:
+            emb.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"{weights}: does not match the saved architecture ({str(exc)[:300]})") from exc
         if upcycle_after or config != saved:
             emb.config = config
-            emb.inputs.config = config
-            emb.image_processor = emb.inputs.image_processor = image_processor(
-                min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=bcfg.vision_config.patch_size,
-                merge_size=emb.merge_size, temporal_patch_size=bcfg.vision_config.temporal_patch_size,
-            )  # fmt: skip
+            emb.inputs = emb.family.input_builder(config, tokenizer, emb.backbone)
             if upcycle_after:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(config.seed + 1)
                     emb.upcycle()
-            pooled = config.projection_dim or base_model(emb.backbone).config.get_text_config().hidden_size
+            pooled = config.projection_dim or emb.family.hidden_size(emb.backbone)
             emb.dim = min(config.matryoshka_dim, pooled) if config.matryoshka_dim else pooled
         return emb
 
@@ -194,12 +219,12 @@ class MoonEmbedder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.plain_state_dict().items()}
         save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        base_model(self.backbone).config.save_pretrained(str(out / BACKBONE_DIR))
+        self.family.save_backbone(self, out)
         self.tokenizer.save_pretrained(str(out / PROCESSOR_DIR))
-        self.image_processor.save_pretrained(str(out / PROCESSOR_DIR))
         meta = {
             "family": "moon",
             "format_version": FORMAT_VERSION,
+            "backbone_family": self.family.name,
             "name": self.name,
             "dim": self.dim,
             "moe_layers": self.moe_layer_ids,
@@ -257,34 +282,19 @@ class MoonEmbedder(nn.Module):
     def hidden_states(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """Last hidden states ``(B, L, H)`` of a collated batch (MoE routed by the batch's aspect tags)."""
         dev = self.device
-        ids = batch["input_ids"].to(dev)
-        mask = batch["attention_mask"].to(dev)
-        tags = batch["aspect_ids"].to(dev)
-        pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-        if pixels is not None:
-            pixels = pixels.to(dev, dtype=self.dtype)
-            grid = grid.to(dev)
-        mm = (ids == self.image_token_id).long()
-        positions, _ = base_model(self.backbone).get_rope_index(
-            ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask
-        )
         self.routing.aux_losses = []
-        with self.routing.using(tags):
-            out = self.backbone(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                pixel_values=pixels,
-                image_grid_thw=grid,
-                mm_token_type_ids=mm,
-                use_cache=False,
-            )
-        return out.last_hidden_state
+        with self.routing.using(batch["aspect_ids"].to(dev)):
+            return self.family.hidden_states(self.backbone, batch, device=dev, dtype=self.dtype)
 
     def pooled(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """Un-normalised embeddings ``(B, dim)`` (pooling, projection, Matryoshka cut)."""
-        hidden = self.hidden_states(batch)
+        return self.finish_pooling(self.hidden_states(batch), batch)
+
+    def finish_pooling(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """``(B, L, H)`` last hidden states → un-normalised ``(B, dim)`` float32 vectors."""
         vec = pool(hidden, batch["attention_mask"].to(hidden.device), self.config.pooling)
+        if self.config.center:
+            vec = vec - self.center.to(vec.dtype)
         if self.projection is not None:
             vec = self.projection(vec)
         vec = vec.float()
@@ -295,6 +305,37 @@ class MoonEmbedder(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """``(B, dim)`` float32 L2-normalised embeddings of a collated batch (with gradients)."""
         return F.normalize(self.pooled(batch), dim=-1)
+
+    @torch.no_grad()
+    def calibrate(self, products: Sequence[Product], queries: Sequence[Query] = (), *, batch_size: int = 16) -> None:
+        """Set the centre (``config.center``) to the mean pooled vector of ``products`` and ``queries``
+        (each side weighs half when both are given). The trainer calls this once, before the first
+        step, on a seeded sample of the training data; a no-op when ``config.center`` is off."""
+        if not self.config.center:
+            return
+        from moon import precision
+
+        was_training = self.training
+        self.eval()
+        self.center.zero_()
+        means = []
+        try:
+            with precision.autocast(self.config.precision, self.device):
+                for records, build in ((products, self.inputs.product), (queries, self.inputs.query)):
+                    if not records:
+                        continue
+                    total = torch.zeros_like(self.center, dtype=torch.float32)
+                    for start in range(0, len(records), batch_size):
+                        batch = self.collate([build(r) for r in records[start : start + batch_size]])
+                        hidden = self.hidden_states(batch)
+                        total += (
+                            pool(hidden, batch["attention_mask"].to(hidden.device), self.config.pooling).float().sum(0)
+                        )
+                    means.append(total / len(records))
+        finally:
+            self.train(was_training)
+        if means:
+            self.center.copy_(torch.stack(means).mean(0).to(self.center.dtype))
 
     def aux_loss(self) -> torch.Tensor:
         """Weighted MoE load-balancing loss of the last forward (0 for dense)."""
@@ -332,13 +373,17 @@ class MoonEmbedder(nn.Module):
         out = np.zeros((len(records), self.dim), dtype=np.float32)
         if not records:
             return out
-        from tqdm.auto import tqdm
+        from moon import precision, progress
 
         was_training = self.training
         self.eval()
         window = batch_size * 16  # build and length-sort this many records at a time
         try:
-            with torch.no_grad(), tqdm(total=len(records), desc=f"encode {what}", disable=not show_progress) as bar:
+            with (
+                torch.no_grad(),
+                precision.autocast(self.config.precision, self.device),
+                progress.bar(len(records), f"encode {what}", enabled=show_progress, unit=what) as bar,
+            ):
                 for start in range(0, len(records), window):
                     items = [build(r) for r in records[start : start + window]]
                     order = sorted(range(len(items)), key=lambda i: len(items[i]))
@@ -355,7 +400,7 @@ class MoonEmbedder(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant checkpointing of every decoder/vision block; MoE recomputation replays the
         aspect tags of its own forward."""
-        base = base_model(self.backbone)
+        base = self.family.checkpointing_module(self.backbone)
         kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(self.routing)}
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -374,7 +419,7 @@ class MoonEmbedder(nn.Module):
         if self._lora:
             raise ConfigError("LoRA is already enabled on this embedder")
         lora = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or DEFAULT_LORA_TARGETS
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or self.family.lora_targets
         )
         self.backbone = get_peft_model(self.backbone, lora)
         self._lora = True
@@ -385,43 +430,37 @@ class MoonEmbedder(nn.Module):
             self.projection.requires_grad_(True)
 
     def freeze_vision(self) -> None:
-        """Stop gradients into the vision tower."""
-        for p in base_model(self.backbone).visual.parameters():
+        """Stop gradients into the vision tower (the graft's image encoder; its projector still trains)."""
+        for p in self.family.vision_module(self.backbone).parameters():
             p.requires_grad_(False)
+
+    def freeze_lower_layers(self, n: int) -> None:
+        """Stop gradients into the token embeddings and the first ``n`` decoder layers (the layers
+        above, the final norm, the MoE routers, the image side and the projection still train)."""
+        text = self.family.text_model(self.backbone)
+        layers = text.layers
+        if not 0 <= n <= len(layers):
+            raise ConfigError(f"freeze_lower_layers={n}: the decoder has {len(layers)} layers")
+        if n == 0:
+            return
+        text.get_input_embeddings().requires_grad_(False)
+        for layer in layers[:n]:
+            layer.requires_grad_(False)
 
     # -- explanations -----------------------------------------------------------------------
     def explain_product(self, product: Product) -> list[np.ndarray]:
-        """Per product image (crops excluded), a ``(grid_h, grid_w)`` float32 map in [0, 1] of how much
-        each merged vision patch contributes to the product vector (|gradient × input|, summed
-        over the patch's pixels, of the pooled vector's projection on its own direction)."""
-        item = self.inputs.product(product)
-        if item.pixel_values is None:
-            return []
-        batch = self.collate([item])
+        """Per product image (crops excluded), a float32 map in [0, 1] of how much each image region
+        contributes to the product vector: |gradient × input| of the pooled vector's projection on its
+        own direction, per merged vision patch (Qwen-VL, ``(grid_h, grid_w)``) or per cell of the image
+        encoder's feature map (graft, e.g. 7 × 7)."""
         was_training = self.training
         self.eval()
         try:
             with torch.enable_grad():
-                pixels = batch["pixel_values"].to(self.device, dtype=self.dtype).requires_grad_(True)
-                batch["pixel_values"] = pixels
-                vec = self.pooled(batch)[0]
-                (vec * F.normalize(vec.detach(), dim=-1)).sum().backward(inputs=[pixels])
-                contrib = (pixels.grad.float() * pixels.detach().float()).sum(-1).cpu()
+                return self.family.explain(self, product)
         finally:
             self.train(was_training)
             self.zero_grad(set_to_none=True)
-        maps: list[np.ndarray] = []
-        start = 0
-        m = self.merge_size
-        for (t, h, w), aspect in zip(item.image_grid_thw.tolist(), item.image_aspects, strict=True):
-            n = t * h * w
-            chunk = contrib[start : start + n].reshape(t, h // m, w // m, m * m).sum(-1).abs().mean(0)
-            start += n
-            if aspect != "vision":
-                continue
-            peak = float(chunk.max())
-            maps.append((chunk / peak if peak > 0 else chunk).numpy().astype(np.float32))
-        return maps
 
 
 def _strip_peft(key: str) -> str:

@@ -2,12 +2,13 @@
 
 A product becomes one sequence::
 
-    <instruction> [<vision_start> image_i <vision_end> (<vision_start> crop_i <vision_end>)]*
+    <instruction> [<open> image_i <close> (<open> crop_i <close>)]*
     Title: <title>\\nCategory: <path>\\nAttributes: <attrs><|im_end|>
 
-(the text is exactly :func:`moon.data.product_text`; empty category/attributes are omitted). A
-query becomes ``<instruction> [images/crops] <text><|im_end|>``. Every token carries an aspect tag
-(see :data:`moon.model.config.ASPECTS`).
+(the text is exactly :func:`moon.data.product_text`; empty category/attributes are omitted;
+``<open>``/``<close>`` are the family's :class:`Markers`, ``<|vision_start|>``/``<|vision_end|>`` for
+Qwen-VL). A query becomes ``<instruction> [images/crops] <text><end>``. Every token carries an
+aspect tag (see :data:`moon.model.config.ASPECTS`).
 
 Documented edge cases:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -45,8 +47,9 @@ class EncodedInput:
     Attributes:
         input_ids: ``(L,)`` int64 token ids (image placeholders included).
         aspect_ids: ``(L,)`` int64 aspect tag ids (index into ``ASPECTS``).
-        pixel_values: ``(P, C·T·p·p)`` float32 flattened patches of all images, or ``None``.
-        image_grid_thw: ``(n_images, 3)`` int64 patch grid per image, or ``None``.
+        pixel_values: the backbone's payload of all images, or ``None``: for Qwen-VL ``(P, C·T·p·p)``
+            float32 flattened patches; for the graft cached encoder features ``(Σk, D)`` (or pixels).
+        image_grid_thw: ``(n_images, 3)`` int64 grid per image (Qwen-VL patches; graft ``(1, √k, √k)``), or ``None``.
         image_aspects: aspect name per image (``vision`` or ``crop``).
         record_id: the product/query id (for messages).
     """
@@ -62,18 +65,64 @@ class EncodedInput:
         return int(self.input_ids.shape[0])
 
 
-class InputBuilder:
-    """Turns products/queries into :class:`EncodedInput` given a tokenizer and image processor."""
+@dataclass(frozen=True)
+class Markers:
+    """The token ids a backbone family brackets images and ends sequences with.
 
-    def __init__(self, config: MoonConfig, tokenizer, image_processor, *, merge_size: int = 2):
-        self.config = config
-        self.tokenizer = tokenizer
+    ``image_open`` / ``image_close`` go before / after each image's visual tokens, ``image_pad`` is the
+    id written at visual-token positions (Qwen-VL's ``<|image_pad|>``; the graft replaces those
+    embeddings, so any id works), ``end`` closes every sequence and ``pad`` fills batches.
+    """
+
+    image_open: tuple[int, ...]
+    image_close: tuple[int, ...]
+    image_pad: int
+    end: int
+    pad: int
+
+    @classmethod
+    def qwen_vl(cls, tokenizer) -> Markers:
+        ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|im_end|>"])
+        pad = tokenizer.pad_token_id
+        pad = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        return cls((ids[0],), (ids[1],), ids[2], ids[3], pad)
+
+
+class ImageInputs(Protocol):
+    """Turns a record's images into the backbone's payload (what ``collate`` concatenates as
+    ``pixel_values``) and one ``(t, h, w)`` grid row per image; ``n_tokens`` counts an image's
+    visual tokens from its grid row."""
+
+    def __call__(self, refs: Sequence) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def n_tokens(self, thw: Sequence[int]) -> int: ...
+
+
+class QwenImageInputs:
+    """The Qwen2-VL image processor as :class:`ImageInputs` (``merge_size``² patches per token)."""
+
+    def __init__(self, image_processor, merge_size: int = 2):
         self.image_processor = image_processor
         self.merge_size = merge_size
-        ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|im_end|>"])
-        self.vision_start_id, self.vision_end_id, self.image_pad_id, self.end_id = ids
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def __call__(self, refs: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.image_processor(images=[load_image(r) for r in refs], return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"].long()
+
+    def n_tokens(self, thw: Sequence[int]) -> int:
+        return int(thw[0] * thw[1] * thw[2]) // (self.merge_size**2)
+
+
+class InputBuilder:
+    """Turns products/queries into :class:`EncodedInput` given a tokenizer, the backbone family's
+    :class:`ImageInputs` and its :class:`Markers`."""
+
+    def __init__(self, config: MoonConfig, tokenizer, images: ImageInputs, markers: Markers):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.images = images
+        self.markers = markers
+        self.pad_id = markers.pad
 
     # -- text -------------------------------------------------------------------------------
     def _encode_segments(self, segments: list[tuple[str, str]]) -> list[tuple[list[int], str]]:
@@ -105,8 +154,10 @@ class InputBuilder:
             room -= len(out[-1][0])
         return out
 
-    # -- images -----------------------------------------------------------------------------
-    def _images(self, images: Sequence, crops: Sequence, use_crops: bool, record_id: str):
+    # -- images ---------------------------------------------------------------------------
+    def image_refs(self, images: Sequence, crops: Sequence, use_crops: bool, record_id: str) -> tuple[list, list[str]]:
+        """The images a record is encoded with, in sequence order, and their aspects (``vision``/``crop``):
+        the first ``max_images`` images, each followed by its crop when ``use_crops``."""
         n_max = self.config.max_images
         if len(images) > n_max:
             warnings.warn(
@@ -116,17 +167,21 @@ class InputBuilder:
             )
         kept = list(images[:n_max])
         kept_crops = list(crops[: len(kept)]) if use_crops else []
-        pil, aspects = [], []
+        refs, aspects = [], []
         for i, ref in enumerate(kept):
-            pil.append(load_image(ref))
+            refs.append(ref)
             aspects.append("vision")
             if i < len(kept_crops) and kept_crops[i] is not None:
-                pil.append(load_image(kept_crops[i]))
+                refs.append(kept_crops[i])
                 aspects.append("crop")
-        if not pil:
+        return refs, aspects
+
+    def _images(self, images: Sequence, crops: Sequence, use_crops: bool, record_id: str):
+        refs, aspects = self.image_refs(images, crops, use_crops, record_id)
+        if not refs:
             return None, None, []
-        out = self.image_processor(images=pil, return_tensors="pt")
-        return out["pixel_values"].float(), out["image_grid_thw"].long(), aspects
+        payload, grid = self.images(refs)
+        return payload, grid, aspects
 
     def _assemble(self, prefix: list[tuple[list[int], str]], grid, image_aspects, text_parts, record_id):
         ids: list[int] = []
@@ -138,15 +193,15 @@ class InputBuilder:
 
         for seq, aspect in prefix:
             put(seq, aspect)
+        mk = self.markers
         if grid is not None:
             for thw, aspect in zip(grid.tolist(), image_aspects, strict=True):
-                n = thw[0] * thw[1] * thw[2] // (self.merge_size**2)
-                put([self.vision_start_id], "template")
-                put([self.image_pad_id] * n, aspect)
-                put([self.vision_end_id], "template")
+                put(list(mk.image_open), "template")
+                put([mk.image_pad] * self.images.n_tokens(thw), aspect)
+                put(list(mk.image_close), "template")
         for seq, aspect in text_parts:
             put(seq, aspect)
-        put([self.end_id], "template")
+        put([mk.end], "template")
         return torch.tensor(ids, dtype=torch.long), torch.tensor(tags, dtype=torch.long)
 
     # -- records ----------------------------------------------------------------------------

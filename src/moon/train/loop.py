@@ -167,6 +167,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         image_guard=config.negatives.guard,
     )
     model.to(ctx.device)
+    if hasattr(model, "calibrate") and not (resume and latest is not None):
+        _calibrate(model, data, seed)  # e.g. MOON's centre vector; a resumed run restores it with the weights
     if fsdp:
         from moon.train.fsdp import shard_model
 
@@ -354,6 +356,22 @@ def _newest_readable_checkpoint(
             f"{run_dir}: no checkpoint can be resumed from ({'; '.join(problems)}); start a new run with another --out"
         )
     return chosen
+
+
+CALIBRATION_SAMPLE = 128
+
+
+def _calibrate(model: Any, data: Any, seed: int) -> None:
+    """``model.calibrate(products, queries)`` on a seeded sample of the training data (the same on
+    every rank, so every process starts from the same model)."""
+    rng = random.Random(seed)
+    products = list(data.catalog.products)
+    queries = sorted(data.train_queries, key=lambda q: q.id)
+    pick_p = rng.sample(range(len(products)), min(CALIBRATION_SAMPLE, len(products)))
+    pick_q = rng.sample(range(len(queries)), min(CALIBRATION_SAMPLE, len(queries)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # input truncation is reported by the training steps
+        model.calibrate([products[i] for i in sorted(pick_p)], [queries[i] for i in sorted(pick_q)])
 
 
 def _save_embedder(model: Any, directory: Path, config: TrainConfig, ctx: DistContext, fsdp: bool) -> None:

@@ -6,6 +6,8 @@ family               what                                                trainab
 ``random``           content-blind unit vectors: the chance floor        no
 ``dual-encoder``     CLIP-style ViT + byte-level text transformer        yes (all)
 ``pretrained-towers`` frozen EfficientNet-Lite0 + MiniLM, trained heads   yes (heads)
+``two-tower``        CLIP-style, from a MOON graft preset's pretrained    yes (LM + image head)
+                     parts (image encoder + the same causal LM)
 ``open-clip``        open_clip / SigLIP checkpoints users have           no
 ``gme``              GME-Qwen2-VL checkpoints users have                 no
 ==================== =================================================== ==========
@@ -40,6 +42,12 @@ def _pretrained_towers(arg: str | None = None, **overrides: Any) -> Embedder:
     return load_pretrained_towers(arg, **overrides)
 
 
+def _two_tower(arg: str | None = None, **overrides: Any) -> Embedder:
+    from moon.bench.baselines.two_tower import load_two_tower
+
+    return load_two_tower(arg, **overrides)
+
+
 def _open_clip(arg: str | None = None, **overrides: Any) -> Embedder:
     from moon.bench.baselines.external import load_open_clip
 
@@ -55,20 +63,21 @@ def _gme(arg: str | None = None, **overrides: Any) -> Embedder:
 register_embedder("random", _random)
 register_embedder("dual-encoder", _dual_encoder)
 register_embedder("pretrained-towers", _pretrained_towers)
+register_embedder("two-tower", _two_tower)
 register_embedder("open-clip", _open_clip)
 register_embedder("gme", _gme)
 
-TRAINABLE = ("dual-encoder", "pretrained-towers")
+TRAINABLE = ("dual-encoder", "pretrained-towers", "two-tower")
+_TRAINABLE_FACTORIES = {"dual-encoder": _dual_encoder, "pretrained-towers": _pretrained_towers, "two-tower": _two_tower}
 
 
 def create_trainable(spec: str, **overrides: Any) -> Any:
-    """A trainable baseline (``torch.nn.Module``) from ``"dual-encoder"``, ``"pretrained-towers"`` or
-    ``"<family>:DIR"``, with config overrides (e.g. ``dim=128, seed=1``)."""
+    """A trainable baseline (``torch.nn.Module``) from ``"dual-encoder"``, ``"pretrained-towers"``,
+    ``"two-tower"`` or ``"<family>:ARG"``, with config overrides (e.g. ``dim=128, seed=1``)."""
     family, _, arg = spec.partition(":")
     if family not in TRAINABLE:
         raise ConfigError(f"{spec!r}: trainable baselines are {', '.join(TRAINABLE)}")
-    factory = _dual_encoder if family == "dual-encoder" else _pretrained_towers
-    return factory(arg or None, **overrides)
+    return _TRAINABLE_FACTORIES[family](arg or None, **overrides)
 
 
 __all__ = ["TRAINABLE", "create_trainable"]

