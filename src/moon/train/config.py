@@ -6,7 +6,7 @@ A config has six sections (see ``configs/*.yaml`` and ``docs/training.md``)::
     data:      dir, crop_source, modality_mix, val_max_queries
     negatives: in_batch, hard, spatial, queue_size, queue_max_age, guard
     loss:      temperature, learn_temperature, symmetric, aux_weight
-    optim:     steps, batch_size, chunk_size, lr, weight_decay, warmup_steps, min_lr_ratio, grad_clip
+    optim:     steps, batch_size, chunk_size, lr, lr_scale, weight_decay, warmup_steps, min_lr_ratio, grad_clip
     run:       out, seed, device, precision, strategy, log_every, val_every, val_at_start, ckpt_every,
                keep_last, tensorboard, progress
 
@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
+    # parameter-name regex -> learning-rate factor, first match wins (e.g. {"projector": 10})
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -429,6 +432,16 @@ def validate_config(config: TrainConfig, *, check_paths: bool = False) -> None:
     _range(o.warmup_steps, 0, MAX_STEPS, "optim.warmup_steps")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip: must be > 0 or empty, got {o.grad_clip}")
+    _check(isinstance(o.lr_scale, dict), f"optim.lr_scale: must be a mapping of name patterns to factors, got {o.lr_scale!r}")
+    for pattern, factor in o.lr_scale.items():
+        try:
+            re.compile(str(pattern))
+        except re.error as exc:
+            raise ConfigError(f"optim.lr_scale: {pattern!r} is not a regular expression ({exc})") from exc
+        _check(
+            isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1e4,
+            f"optim.lr_scale.{pattern}: factor must be a number in (0, 10000], got {factor!r}",
+        )
     _check(r.device in ("auto", "cpu", "cuda"), f"run.device: must be auto, cpu or cuda, got {r.device!r}")
     _check(r.precision in ("auto", "fp32", "bf16"), f"run.precision: must be auto, fp32 or bf16, got {r.precision!r}")
     _check(r.strategy in ("ddp", "fsdp"), f"run.strategy: must be ddp or fsdp, got {r.strategy!r}")

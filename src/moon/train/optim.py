@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from moon.train.config import OptimConfig
 
 
+def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float:
+    """The factor ``optim.lr_scale`` gives parameter ``name``: the first pattern (a regular
+    expression searched in the name) that matches, else 1."""
+    for pattern, factor in lr_scale.items():
+        if re.search(pattern, name):
+            return float(factor)
+    return 1.0
+
+
 def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; tensors with fewer than 2 dims get no weight decay."""
-    decay = [p for _, p in named_params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for _, p in named_params if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    """AdamW over the trainable parameters; tensors with fewer than 2 dims get no weight decay;
+    ``config.lr_scale`` multiplies the learning rate of the parameters whose names match (e.g. a
+    new projector learns faster than the pretrained LM it feeds)."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in named_params:
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, lr_multiplier(name, config.lr_scale)), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "weight_decay": config.weight_decay if decay else 0.0, "lr": config.lr * scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+        ],
+        lr=config.lr,
+    )
 
 
 def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
