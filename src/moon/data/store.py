@@ -269,23 +269,88 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, Path(root) / "manifest.json")
 
 
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """``STORE/manifest.json``, checked: format, an integer version, ``counts`` a mapping of table
+    names to integers >= 0, ``created`` a mapping. Raises :class:`StoreError` naming the field."""
     path = Path(root) / "manifest.json"
     if not Path(root).is_dir():
         raise StoreError(f"{root}: no such directory")
     if not path.exists():
         raise StoreError(f"{root}: not a product store (no manifest.json; an interrupted write leaves none)")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise StoreError(f"{path}: {path.stat().st_size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise StoreError(f"{path}: unreadable manifest ({exc})") from exc
+    except RecursionError as exc:
+        raise StoreError(f"{path}: unreadable manifest (nested too deeply)") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a {FORMAT_NAME} manifest")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+    version = manifest.get("version", 0)
+    if not _is_count(version):
+        raise StoreError(f"{path}: version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise StoreError(
             f"{path}: store format version {manifest['version']} is newer than this MOON reads ({FORMAT_VERSION})"
         )
+    counts = manifest.get("counts", {})
+    if not isinstance(counts, dict):
+        raise StoreError(f"{path}: counts must be a mapping of table names to numbers, got {counts!r}"[:300])
+    for name, n in counts.items():
+        if name not in TABLES:
+            raise StoreError(f"{path}: counts names an unknown table {name!r} (known: {', '.join(TABLES)})"[:300])
+        if not _is_count(n):
+            raise StoreError(f"{path}: counts.{name} must be an integer >= 0, got {n!r}"[:300])
+    if not isinstance(manifest.get("created", {}), dict):
+        raise StoreError(f"{path}: created must be a mapping")
     return manifest
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a column read as ``got`` can stand for the schema's ``want`` (large_* variants allowed)."""
+    if got.equals(want):
+        return True
+    if pa.types.is_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_null(got)
+    if pa.types.is_list(want):
+        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and _compatible(got.value_type, want.value_type)
+    if pa.types.is_map(want):
+        return (
+            pa.types.is_map(got)
+            and _compatible(got.key_type, want.key_type)
+            and _compatible(got.item_type, want.item_type)
+        )
+    if pa.types.is_integer(want) or pa.types.is_floating(want):
+        return pa.types.is_integer(got) or pa.types.is_floating(got) or pa.types.is_null(got)
+    return False
+
+
+def open_table_file(path: Path, schema: pa.Schema) -> pq.ParquetFile:
+    """A parquet file of the store, checked to be readable and to have ``schema``'s columns.
+
+    Raises :class:`StoreError` for a zero-byte, truncated or foreign file."""
+    if path.stat().st_size == 0:
+        raise StoreError(f"{path}: empty file (0 bytes; an interrupted write?)")
+    try:
+        pf = pq.ParquetFile(path)
+        got = pf.schema_arrow
+    except Exception as exc:  # noqa: BLE001 - arrow raises several types for broken files
+        raise StoreError(f"{path}: unreadable parquet ({exc})") from exc
+    for want in schema:
+        idx = got.get_field_index(want.name)
+        if idx < 0:
+            raise StoreError(f"{path}: column {want.name!r} is missing")
+        if not _compatible(got.field(idx).type, want.type):
+            raise StoreError(f"{path}: column {want.name!r} is {got.field(idx).type}, expected {want.type}")
+    return pf
 
 
 def write_store(
@@ -373,7 +438,10 @@ class ProductStore:
     # ---------------------------------------------------------------- raw tables
     def path(self, rel: str) -> Path:
         """Absolute path of a store-relative path (never outside the store)."""
-        p = (self.root / rel).resolve()
+        try:
+            p = (self.root / rel).resolve()
+        except (OSError, ValueError, TypeError) as exc:  # a NUL byte, a name too long, not text
+            raise StoreError(f"{str(rel)[:200]!r}: unusable path ({exc})") from None
         if self.root not in p.parents and p != self.root:
             raise StoreError(f"{rel}: path escapes the store")
         return p
@@ -384,23 +452,31 @@ class ProductStore:
             if name == "boxes":
                 return BOX_SCHEMA.empty_table()
             raise StoreError(f"{path}: missing")
+        open_table_file(path, TABLES[name])
         try:
             return pq.read_table(path, columns=columns)
         except Exception as exc:  # noqa: BLE001 - arrow raises several types for broken files
             raise StoreError(f"{path}: unreadable parquet ({exc})") from exc
 
     def _iter_rows(self, name: str, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+        """Rows of one table; :class:`StoreError` (never an arrow exception) for a broken file."""
         path = self.root / f"{name}.parquet"
         if not path.exists():
             if name == "boxes":
                 return
             raise StoreError(f"{path}: missing")
-        try:
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=batch_size):
-                yield from batch.to_pylist()
-        except OSError as exc:
-            raise StoreError(f"{path}: unreadable parquet ({exc})") from exc
+        pf = open_table_file(path, TABLES[name])
+        batches = pf.iter_batches(batch_size=batch_size, columns=[f.name for f in TABLES[name]])
+        n = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - arrow raises several types for broken files
+                raise StoreError(f"{path}: unreadable parquet after {n:,} rows ({exc})") from exc
+            n += batch.num_rows
+            yield from batch.to_pylist()
 
     # ---------------------------------------------------------------- records
     def _abs(self, rel: str) -> str:
@@ -543,9 +619,18 @@ class ProductStore:
                 except ImageLoadError as exc:
                     report.add("bad-image", where, exc.reason)
 
+        unreadable: set[str] = set()
+
+        def rows(name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+            try:
+                yield from enumerate(self._iter_rows(name))
+            except StoreError as exc:
+                unreadable.add(name)
+                report.add("unreadable-file", f"{name}.parquet", str(exc))
+
         product_ids: set[str] = set()
         n_products = 0
-        for i, row in enumerate(self._iter_rows("products")):
+        for i, row in rows("products"):
             n_products += 1
             where = f"products.parquet row {i}"
             pid = row.get("id")
@@ -563,7 +648,7 @@ class ProductStore:
                 check_file(img, where)
         query_ids: set[str] = set()
         n_queries = 0
-        for i, row in enumerate(self._iter_rows("queries")):
+        for i, row in rows("queries"):
             n_queries += 1
             where = f"queries.parquet row {i}"
             qid = row.get("id")
@@ -580,21 +665,29 @@ class ProductStore:
             for img in row.get("images") or []:
                 check_file(img, where)
         n_purchases = 0
-        for i, row in enumerate(self._iter_rows("purchases")):
+        for i, row in rows("purchases"):
             n_purchases += 1
             where = f"purchases.parquet row {i}"
-            if row.get("query_id") not in query_ids:
+            # ids of a table that could not be read are unknown, not dangling
+            if "queries" not in unreadable and row.get("query_id") not in query_ids:
                 report.add("dangling-id", where, f"query id {row.get('query_id')!r} is not in queries.parquet")
-            if row.get("product_id") not in product_ids:
+            if "products" not in unreadable and row.get("product_id") not in product_ids:
                 report.add("dangling-id", where, f"product id {row.get('product_id')!r} is not in products.parquet")
         n_boxes = 0
-        for i, row in enumerate(self._iter_rows("boxes")):
+        for i, row in rows("boxes"):
             n_boxes += 1
             where = f"boxes.parquet row {i}"
-            if not (row["x0"] < row["x1"] and row["y0"] < row["y1"]):
-                report.add("bad-value", where, f"empty or inverted box {row['x0'], row['y0'], row['x1'], row['y1']}")
-            if min(row["x0"], row["y0"]) < 0:
-                report.add("bad-value", where, "box has negative coordinates")
+            coords = (row.get("x0"), row.get("y0"), row.get("x1"), row.get("y1"))
+            if any(c is None or c != c for c in coords):  # null or NaN
+                report.add("bad-value", where, f"box has a missing coordinate {coords}")
+            else:
+                if not (coords[0] < coords[2] and coords[1] < coords[3]):
+                    report.add("bad-value", where, f"empty or inverted box {coords}")
+                if min(coords[0], coords[1]) < 0:
+                    report.add("bad-value", where, "box has negative coordinates")
+            if not row.get("image"):
+                report.add("bad-value", where, "box names no image")
+                continue
             check_file(row["image"], where)
             if row.get("crop"):
                 check_file(row["crop"], where)
@@ -603,7 +696,7 @@ class ProductStore:
         if (self.root / "boxes.parquet").exists():
             actual["boxes"] = n_boxes
         for name, n in actual.items():
-            if name in counts and int(counts[name]) != n:
+            if name in counts and name not in unreadable and counts[name] != n:
                 report.add("count-mismatch", "manifest.json", f"says {counts[name]} {name}, the table has {n}")
         return report
 
