@@ -103,11 +103,20 @@ def validate(store: str, check_images: bool, max_per_kind: int) -> None:
     help="Download cache (default ~/.cache/moon/mbe-images).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-def import_mbe_cmd(sources, out, images_dir, query_columns, split, download, cache_dir, overwrite) -> None:
+@click.option(
+    "--allow-outside-images",
+    is_flag=True,
+    help="Copy image files the data names outside --images and the source file's folder (e.g. ../x.jpg).",
+)
+def import_mbe_cmd(
+    sources, out, images_dir, query_columns, split, download, cache_dir, overwrite, allow_outside_images
+) -> None:
     """Import MBE files (json, jsonl, parquet, csv) into a product store.
 
     SOURCES are files, each optionally prefixed with its split: train=train.parquet test=test.jsonl.
-    Bad rows and unavailable images are reported (file:row and reason) and skipped; good rows are kept.
+    Bad rows (bad bytes, wrong types, too deep) and unavailable images are reported (file:row and
+    reason) and skipped; good rows are kept; over-long text is cut with a warning. The full list is
+    written to STORE/import-report.jsonl.
     """
     from moon.data.mbe import QueryColumns, import_mbe
 
@@ -121,5 +130,6 @@ def import_mbe_cmd(sources, out, images_dir, query_columns, split, download, cac
         cache_dir=cache_dir,
         overwrite=overwrite,
         progress=True,
+        allow_outside_images=allow_outside_images,
     )
     click.echo(report.format())
