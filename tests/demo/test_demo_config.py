@@ -32,8 +32,14 @@ def test_every_demo_model_gets_the_same_data_and_budget(tmp_path):
     assert {(c.optim.steps, c.optim.batch_size, c.negatives.hard, c.data.dir) for c in configs} == {
         (7, 9, 2, str(tmp_path))
     }
-    moon = next(c for c in configs if c.model.spec == "moon-small")
-    assert moon.data.crop_source == "learned" and moon.model.overrides == {"max_images": 3}
+    moon = next(c for c in configs if c.model.spec == "moon-smol")
+    assert moon.data.crop_source == "learned"
+    two_tower = next(c for c in configs if c.model.spec == "two-tower")
+    assert two_tower.data.crop_source is None
+    # both pretrained models: the same small base learning rate, a larger one for the new parts only
+    assert moon.optim.lr == two_tower.optim.lr == 1e-4
+    assert moon.optim.lr_scale == {"projector": 10.0} and two_tower.optim.lr_scale == {"head": 10.0}
+    assert {c.run.precision for c in configs} <= {"bf16", "fp32"}
 
 
 def test_variant_overrides_reach_the_train_config(tmp_path):
@@ -85,13 +91,19 @@ def test_ablation_config_errors_are_clear(tmp_path):
         DemoConfig(models=[ModelRun("a", "x"), ModelRun("a", "y")]).validate()
 
 
-@pytest.mark.parametrize("name, spec", [("ablate-small.yaml", "moon-small"), ("ablate-tiny.yaml", "moon-tiny")])
-def test_shipped_ablation_config_parses(name, spec):
+@pytest.mark.parametrize(
+    "name, spec, steps",
+    [("ablate-small.yaml", "moon-small", 80), ("ablate-tiny.yaml", "moon-tiny", 80), ("ablate-smol.yaml", "moon-smol", 60)],
+)
+def test_shipped_ablation_config_parses(name, spec, steps):
     from pathlib import Path
 
     cfg = AblationConfig.from_yaml(Path(__file__).parents[2] / "configs" / name)
-    assert cfg.variants == list(VARIANTS) and cfg.seeds == [0, 1, 2] and cfg.demo.steps == 80
+    assert cfg.variants == list(VARIANTS) and cfg.seeds == [0, 1, 2] and cfg.demo.steps == steps
     assert cfg.spec == spec
+    if spec == "moon-smol":  # the pretrained recipe: every variant gets the small lr, the projector 10x
+        run = _run_for("in-batch-only", cfg.spec, cfg.overrides, cfg.train_overrides)
+        assert run.train_overrides["optim.lr"] == 1e-4 and run.train_overrides["negatives.hard"] == 0
 
 
 def test_training_rows_tell_learning_chance_and_collapse_apart(tmp_path):

@@ -13,7 +13,7 @@ import click
     type=click.Path(file_okay=False),
     help="Output directory (stages are cached here).",
 )
-@click.option("--quick", is_flag=True, help="A smaller world and budget (about 5 minutes on 2 cores).")
+@click.option("--quick", is_flag=True, help="A smaller world and budget (120 products, 20 steps).")
 @click.option("--products", type=int, default=None, help="Override the world size.")
 @click.option("--steps", type=int, default=None, help="Override the training steps (the same for every model).")
 @click.option("--seed", type=int, default=None, help="Override the seed.")
@@ -21,7 +21,8 @@ def demo(out: str, quick: bool, products: int | None, steps: int | None, seed: i
     """From nothing to a trained MOON evaluated against baselines, with a visual report.
 
     Stages: generate the product world → train the learned detector and crop every image → train
-    MOON (moon-small) and the baselines (dual-encoder, pretrained-towers) on equal budgets →
+    MOON (moon-smol, pretrained) and the baselines (two-tower from the same pretrained parts,
+    pretrained-towers) on equal budgets →
     evaluate everything (each trained model's best checkpoint by validation, plus the random
     floor) → DIR/report.md and DIR/report.html.
     Re-running reuses finished stages.
@@ -45,7 +46,7 @@ def demo(out: str, quick: bool, products: int | None, steps: int | None, seed: i
     "config_file",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Ablation YAML (see configs/ablate-small.yaml).",
+    help="Ablation YAML: configs/ablate-smol.yaml (pretrained moon-smol), ablate-small.yaml, ablate-tiny.yaml.",
 )
 @click.option(
     "--out",

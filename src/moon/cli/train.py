@@ -16,7 +16,7 @@ import click
     "--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Product store to train on (data.dir)."
 )
 @click.option(
-    "--model", "model_spec", default=None, help="Model spec (model.spec): moon-small, dual-encoder, a directory …"
+    "--model", "model_spec", default=None, help="Model spec (model.spec): moon-smol, moon-small, two-tower, dual-encoder, a directory …"
 )
 @click.option("--steps", type=int, default=None, help="Optimizer steps (optim.steps).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size (optim.batch_size).")

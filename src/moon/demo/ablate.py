@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moon.demo.pipeline import DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
+from moon.demo.pipeline import PRETRAINED_LR, DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
 from moon.demo.report import RETRIEVAL, TRAINING_HEALTH_NOTE, markdown_table, training_rows
 from moon.demo.stages import StageRunner
 from moon.errors import ConfigError
@@ -43,8 +43,12 @@ EXPECTED = {
 
 @dataclass
 class AblationConfig:
-    spec: str = "moon-small"
-    overrides: dict[str, Any] = field(default_factory=lambda: {"max_images": 3})
+    spec: str = "moon-smol"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # train-config overrides for every variant (dotted keys, as ModelRun.train_overrides)
+    train_overrides: dict[str, Any] = field(
+        default_factory=lambda: {**PRETRAINED_LR, "optim.lr_scale": {"projector": 10.0}}
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(models=[]))
@@ -60,7 +64,7 @@ class AblationConfig:
             raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
-        known = {"spec", "overrides", "seeds", "variants", "demo"}
+        known = {"spec", "overrides", "train_overrides", "seeds", "variants", "demo"}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{p}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -70,8 +74,9 @@ class AblationConfig:
         if bad:
             raise ConfigError(f"{p}: unknown demo keys {sorted(bad)} (known: {sorted(demo_fields)})")
         cfg = cls(
-            spec=str(raw.get("spec", "moon-small")),
-            overrides=dict(raw.get("overrides") or {"max_images": 3}),
+            spec=str(raw.get("spec", "moon-smol")),
+            overrides=dict(raw.get("overrides") or {}),
+            train_overrides=dict(raw.get("train_overrides") or {}),
             seeds=[int(s) for s in raw.get("seeds", [0, 1, 2])],
             variants=list(raw.get("variants", list(VARIANTS))),
             demo=DemoConfig(models=[], **demo_raw),
@@ -88,14 +93,16 @@ class AblationConfig:
         self.demo.validate()
 
 
-def _run_for(variant: str, spec: str, base_overrides: dict[str, Any]) -> ModelRun:
+def _run_for(
+    variant: str, spec: str, base_overrides: dict[str, Any], base_train: dict[str, Any] | None = None
+) -> ModelRun:
     v = VARIANTS[variant]
     return ModelRun(
         name=variant,
         spec=spec,
         overrides={**base_overrides, **v.get("overrides", {})},
         crops=v.get("crops", True),
-        train_overrides=dict(v.get("train_overrides", {})),
+        train_overrides={**(base_train or {}), **v.get("train_overrides", {})},
     )
 
 
@@ -137,7 +144,7 @@ def _run_ablation(out_dir: str | Path, cfg: AblationConfig, log: Callable[[str],
     scores: dict[str, list[dict[str, float]]] = {}
     trained_runs: dict[str, Any] = {}
     for variant in cfg.variants:
-        run = _run_for(variant, cfg.spec, cfg.overrides)
+        run = _run_for(variant, cfg.spec, cfg.overrides, cfg.train_overrides)
         for seed in cfg.seeds:
             seeded = replace(d, seed=seed)
             tag = f"{_slug(variant)}-seed{seed}"

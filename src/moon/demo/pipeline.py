@@ -30,12 +30,19 @@ class ModelRun:
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+#: a pretrained LM wants a small learning rate, the freshly initialised parts (the graft's
+#: projector, the two-tower's image head) a larger one (benchmarks/graft_fit.py)
+PRETRAINED_LR = {"optim.lr": 1e-4}
+
+
 def default_models() -> list[ModelRun]:
     return [
-        # three photos (+ their three crops) per product keep a CPU step short; the baselines'
-        # own caps are four images (crops included)
-        ModelRun("MOON (moon-small)", "moon-small", overrides={"max_images": 3}),
-        ModelRun("dual-encoder", "dual-encoder", crops=False),
+        # moon-smol: EfficientNet-Lite0 + SmolLM2-135M (pretrained, installed offline by make setup)
+        ModelRun("MOON (moon-smol)", "moon-smol",
+                 train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"projector": 10.0}}),
+        # the CLIP-style two-tower built from the same pretrained parts, trained alike
+        ModelRun("two-tower (same parts)", "two-tower", crops=False,
+                 train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"head": 10.0}}),
         ModelRun("pretrained-towers", "pretrained-towers", crops=False),
         ModelRun("random", "random", crops=False, train=False),
     ]
@@ -81,6 +88,15 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower()).strip("-")
 
 
+def train_precision() -> str:
+    """bf16 where the CPU (or GPU) runs it natively, else fp32 (emulated bf16 is slower than fp32)."""
+    import torch
+
+    from moon.precision import resolve_bf16
+
+    return "bf16" if resolve_bf16("auto", "cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+
+
 def train_config_for(run: ModelRun, cfg: DemoConfig, store_dir: str, out: str) -> Any:
     """The `moon train` config of one demo model: same data, steps and batch for every model."""
     from moon.train.config import config_from_dict
@@ -97,6 +113,7 @@ def train_config_for(run: ModelRun, cfg: DemoConfig, store_dir: str, out: str) -
         },
         "run": {
             "out": out,
+            "precision": train_precision(),
             "seed": cfg.seed,
             "val_every": max(1, cfg.steps // 3),
             "ckpt_every": cfg.steps,
