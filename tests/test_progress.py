@@ -144,3 +144,37 @@ def test_a_bar_dropped_unclosed_stops_collecting():
     assert warnings.showwarning is not before
     del b
     assert warnings.showwarning is before
+
+
+def test_the_library_shows_progress_only_through_moon_progress():
+    # every long loop goes through moon.progress (plain lines in logs, bars in terminals, warnings
+    # summarised): no module but moon/progress.py imports tqdm itself
+    import ast
+    from pathlib import Path
+
+    import moon
+
+    root = Path(moon.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "progress.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "tqdm" or n.startswith("tqdm.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_world_synthesis_writes_plain_progress_lines_to_a_log(tmp_path, capsys, monkeypatch):
+    from moon.world import synthesize
+
+    monkeypatch.delenv("MOON_PROGRESS", raising=False)  # auto: stderr is captured, not a terminal
+    synthesize(tmp_path / "w", n_products=3, seed=0, show_progress=True, workers=1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert "synth: 3/3 done in" in err

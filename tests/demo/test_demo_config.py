@@ -26,6 +26,16 @@ def test_headline_rows_average_levels_and_mark_missing_tasks():
     assert rows == [["m", "50.0", "–", "–", "–", "30.0", "90.0"]]
 
 
+def test_headline_rows_show_a_task_without_queries_as_missing():
+    # a small world can have no text or image test queries: evaluate() gives those tasks None metrics
+    none = {k: None for k in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")}
+    res = _results(0.5, 0.2, 0.4, 0.9)
+    res["tasks"]["text2product"] = {"metrics": none, "n_queries": 0}
+    res["tasks"]["classification-l3"] = {"metrics": {"accuracy": None, "macro_f1": None}, "n_queries": 0}
+    _, rows = headline_rows({"m": res})
+    assert rows == [["m", "–", "–", "–", "–", "30.0", "90.0"]]
+
+
 def test_every_demo_model_gets_the_same_data_and_budget(tmp_path):
     cfg = DemoConfig(steps=7, batch_size=9, hard_negatives=2)
     configs = [train_config_for(run, cfg, str(tmp_path), str(tmp_path / run.name)) for run in cfg.models if run.train]

@@ -581,9 +581,9 @@ def import_mbe(
         n_query = 0
         iterator = ((p, s, i, row) for p, s in files for i, row in read_rows(p))
         if progress:
-            from tqdm import tqdm
+            from moon import progress as progress_display
 
-            iterator = tqdm(iterator, desc="import-mbe", unit="row")
+            iterator = progress_display.track(iterator, "import-mbe", unit="row")
         for path, file_split, i, row in iterator:
             where = f"{path.name}:{i}"
             if "__error__" in row:

@@ -42,12 +42,12 @@ def headline_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
         cells = [name]
         for t in RETRIEVAL:
             m = tasks.get(t, {}).get("metrics", {})
-            cells.append(f"{100 * m['recall@10']:.1f}" if "recall@10" in m else "–")
+            cells.append(f"{100 * m['recall@10']:.1f}" if m.get("recall@10") is not None else "–")  # None: no queries
         for prefix in ("classification-", "attribute-"):
             accs = [
                 v["metrics"]["accuracy"]
                 for k, v in tasks.items()
-                if k.startswith(prefix) and "accuracy" in v["metrics"]
+                if k.startswith(prefix) and v["metrics"].get("accuracy") is not None
             ]
             cells.append(f"{100 * float(np.mean(accs)):.1f}" if accs else "–")
         rows.append(cells)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.data import Product, ProductStore
 from moon.embedders import Embedder
 from moon.errors import ConfigError, DataError, MoonError
@@ -89,7 +89,7 @@ def encode_products(
     show_progress: bool = False,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` per batch; vectors float32 ``(b, dim)``."""
-    bar = tqdm(total=total, desc="encoding products", unit="product", disable=not show_progress)
+    bar = progress.bar(total, "encode products", enabled=show_progress, unit="product")
     try:
         for batch in _batches(products, batch_size):
             vectors = np.asarray(embedder.encode_products(batch, batch_size=batch_size), dtype=np.float32)
@@ -197,7 +197,7 @@ def build_index_from_vectors(
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(keep, size=min(len(keep), int(merged.get("train_size", n))), replace=False))
         index.train(_rows(vectors, rows))
-    bar = tqdm(total=n, desc=f"indexing ({chosen})", unit="vector", disable=not show_progress)
+    bar = progress.bar(n, f"index ({chosen})", enabled=show_progress, unit="vector")
     for start in range(0, len(keep), chunk):
         rows = keep[start : start + chunk]
         block = _rows(vectors, rows) if len(held) else _rows(vectors, slice(start, start + len(rows)))

@@ -12,8 +12,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
+from moon import progress
 from moon.data import ImageLoadError, ProductStore, box_iou, load_image
 from moon.errors import DataError
 from moon.regions.base import Detector, full_image_box
@@ -87,7 +86,7 @@ def evaluate_detector(
     ious: dict[str, list[float]] = defaultdict(list)
     secs: dict[str, float] = defaultdict(float)
     report = EvalReport(detector=detector.name, split=split or "all")
-    for s in tqdm(samples, desc=f"eval {detector.name}", unit="img", disable=not show_progress):
+    for s in progress.track(samples, f"eval {detector.name}", enabled=show_progress, unit="img"):
         try:
             image = load_image(store.path(s.image))
         except ImageLoadError as exc:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.data import ImageLoadError, ProductStore, load_image
 from moon.errors import ConfigError, DataError
 from moon.regions.backbone import LiteFeatures, native_bf16, to_input
@@ -100,31 +100,30 @@ def _features(
     of ``draws`` jittered refine windows per sample (the windows slightly wrong first boxes would give),
     stored sample by sample: rows ``i * draws … (i + 1) * draws - 1`` belong to the ``i``-th sample."""
     first, second = _Cache(), (_Cache() if refine else None)
-    bar = tqdm(total=len(samples), desc="backbone features", unit="img", disable=not show_progress)
-    for start in range(0, len(samples), batch_size):
-        images, boxes, crops, crop_boxes = [], [], [], []
-        for s in samples[start : start + batch_size]:
-            try:
-                im = load_image(store.path(s.image))
-            except ImageLoadError as exc:
-                report.skipped.append(f"{s.image}: {exc.reason}")
-                continue
-            w, h = im.size
-            x0, y0, x1, y1 = s.truth  # type: ignore[misc]
-            images.append(im)
-            boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
-            if refine:
-                size, context, rng = refine
-                for _ in range(draws):
-                    win = refine_window(jitter_box(s.truth, rng), im.size, context)  # type: ignore[arg-type]
-                    crops.append(crop_window(im, win, size))
-                    crop_boxes.append(list(image_to_window(s.truth, win)))  # type: ignore[arg-type]
-        if images:
-            first.add(extractor(to_input(images, input_size)), boxes)
-            if second is not None and refine:
-                second.add(extractor(to_input(crops, refine[0])), crop_boxes)
-        bar.update(min(batch_size, len(samples) - start))
-    bar.close()
+    with progress.bar(len(samples), "backbone features", enabled=show_progress, unit="img") as bar:
+        for start in range(0, len(samples), batch_size):
+            images, boxes, crops, crop_boxes = [], [], [], []
+            for s in samples[start : start + batch_size]:
+                try:
+                    im = load_image(store.path(s.image))
+                except ImageLoadError as exc:
+                    report.skipped.append(f"{s.image}: {exc.reason}")
+                    continue
+                w, h = im.size
+                x0, y0, x1, y1 = s.truth  # type: ignore[misc]
+                images.append(im)
+                boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
+                if refine:
+                    size, context, rng = refine
+                    for _ in range(draws):
+                        win = refine_window(jitter_box(s.truth, rng), im.size, context)  # type: ignore[arg-type]
+                        crops.append(crop_window(im, win, size))
+                        crop_boxes.append(list(image_to_window(s.truth, win)))  # type: ignore[arg-type]
+            if images:
+                first.add(extractor(to_input(images, input_size)), boxes)
+                if second is not None and refine:
+                    second.add(extractor(to_input(crops, refine[0])), crop_boxes)
+            bar.update(min(batch_size, len(samples) - start))
     if not first.feats:
         raise DataError(f"{store.root}: no readable training image with a true box")
     return first, second
@@ -156,7 +155,7 @@ def _fit_head(
     # OneCycleLR divides by zero when its warm-up phase is exactly one step (pct_start × steps == 1)
     pct = 0.1 if steps != 10 else 0.2
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
+    bar = progress.bar(epochs, desc, enabled=show_progress, unit="epoch", iterable=range(epochs))
     gen = torch.Generator().manual_seed(seed)
     final = 0.0
     for epoch in bar:

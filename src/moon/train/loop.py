@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.errors import ConfigError
 from moon.train import checkpoints as ckpt
 from moon.train.collapse import CollapseWatch, chance_loss
@@ -246,8 +246,14 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     total = config.optim.steps
     logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=ctx.is_main)
     collapse = CollapseWatch(start=config.optim.warmup_steps)
-    bar = tqdm(
-        total=total, initial=start, desc="train", disable=not (ctx.is_main and config.run.progress), dynamic_ncols=True
+    # warnings (the collapse warning above all) are shown at the step that raises them, not summarised
+    bar = progress.bar(
+        total,
+        "train",
+        enabled=ctx.is_main and config.run.progress,
+        unit="step",
+        initial=start,
+        summarize_warnings=False,
     )
     last: dict[str, Any] = {}
     if config.run.val_at_start and start == 0:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from moon import progress
 from moon.data import Box, Product, ProductStore, Purchase, Query, StoreError, StoreWriter
 from moon.errors import ConfigError
 from moon.world import shots, text
@@ -444,7 +444,7 @@ def synthesize(
     }
     # fork the workers first, before the progress bar's and the parquet writer's threads exist
     pool = _make_pool(world, n_workers) if n_workers > 1 else None
-    bar = tqdm(total=params.n_products, desc="synth", unit="product", disable=not show_progress)
+    bar = progress.bar(params.n_products, "synth", enabled=show_progress, unit="product")
     try:
         with StoreWriter(root, created=created, overwrite=overwrite) as writer:
             for window in _windows(_plan(world.catalog, seed, params.n_products), 256):

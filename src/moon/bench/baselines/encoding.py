@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from moon import progress
 from moon.data.records import Product, Query
 
 
@@ -20,17 +20,21 @@ class BatchedEncoding:
     name: str
     dim: int
 
-    def _encode(self, records: Sequence[Any], build: Callable, batch_size: int, show_progress: bool) -> np.ndarray:
+    def _encode(
+        self, records: Sequence[Any], build: Callable, batch_size: int, show_progress: bool, what: str
+    ) -> np.ndarray:
         was_training = self.training  # type: ignore[attr-defined]
         self.eval()  # type: ignore[attr-defined]
         out = np.zeros((len(records), self.dim), dtype=np.float32)
         try:
-            with torch.no_grad():
-                for start in tqdm(
-                    range(0, len(records), batch_size), disable=not show_progress, desc=self.name, unit="batch"
-                ):
+            with (
+                torch.no_grad(),
+                progress.bar(len(records), f"encode {what}", enabled=show_progress, unit=what) as bar,
+            ):
+                for start in range(0, len(records), batch_size):
                     chunk = records[start : start + batch_size]
                     out[start : start + len(chunk)] = self.forward(self.collate(build(chunk))).float().cpu().numpy()  # type: ignore[attr-defined]
+                    bar.update(len(chunk))
         finally:
             self.train(was_training)  # type: ignore[attr-defined]
         return out
@@ -39,10 +43,10 @@ class BatchedEncoding:
         self, products: Sequence[Product], *, batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
         """Products → ``(n, dim)`` float32 unit rows."""
-        return self._encode(list(products), self.build_product_inputs, batch_size, show_progress)  # type: ignore[attr-defined]
+        return self._encode(list(products), self.build_product_inputs, batch_size, show_progress, "products")  # type: ignore[attr-defined]
 
     def encode_queries(
         self, queries: Sequence[Query], *, batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
         """Queries → ``(n, dim)`` float32 unit rows."""
-        return self._encode(list(queries), self.build_query_inputs, batch_size, show_progress)  # type: ignore[attr-defined]
+        return self._encode(list(queries), self.build_query_inputs, batch_size, show_progress, "queries")  # type: ignore[attr-defined]
