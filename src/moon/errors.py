@@ -18,3 +18,8 @@ class ConfigError(MoonError, ValueError):
 
 class DataError(MoonError):
     """A data file or record is malformed (the message names the file/row and the reason)."""
+
+
+class TrainingError(MoonError):
+    """Training cannot go on (the loss, the gradients or the weights are no longer finite); the message
+    names the step and what was kept."""

@@ -145,7 +145,8 @@ def test_training_rows_tell_learning_chance_and_collapse_apart(tmp_path):
     assert header[-1] == "verdict"
     by = {r[0]: r for r in rows}
     c = f"{chance:.3f}"
-    assert by["good"][1:] == ["10", "4.000", c, "1.000", c, "0.300", "–", "learning"]
+    assert by["good"][1:] == ["10", "4.000", c, "1.000", c, "0.300", "–", "–", "learning"]
     assert by["flat"][-1] == "at chance" and by["dead"][-1] == "collapsed" and by["dead"][6] == "0.999"
     assert by["dead"][7] == "10"  # no warm-up recorded: the 10th collapsed step, where the trainer warns
+    assert header[8] == "relapsed at step"
     assert by["old"][6] == "n/a" and by["old"][-1] == "at chance"

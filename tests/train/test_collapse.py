@@ -225,3 +225,84 @@ def test_the_trainer_warns_at_the_step_the_report_calls_collapsed(tmp_path):
         f"The loss, {last['contrastive']:.3f}, is at the chance level {last['chance_loss']:.3f} = log(28 candidates"
     )
     assert expected in str(warned[0].message)
+
+
+def _relapse_run(n_learn=30, n_fall=30, chance=5.66):
+    """Issue #26's run, shape for shape: the loss falls to ~2.8 (chance 5.66), then climbs back to 4.7."""
+    losses = [chance - 0.2 - 2.6 * min(1.0, i / 15) for i in range(n_learn)] + [4.7] * n_fall
+    return losses, [chance] * (n_learn + n_fall)
+
+
+def test_relapse_watch_warns_once_when_a_run_loses_half_of_what_it_learned():
+    from moon.train.collapse import RelapseWatch
+
+    losses, chances = _relapse_run()
+    watch = RelapseWatch(start=2)
+    warned = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (loss, ch) in enumerate(zip(losses, chances, strict=True)):
+            if watch.update(i + 1, loss, ch, 0.97):
+                warned.append(i + 1)
+    # peak margin 2.8 (steps 16-30 sit at the floor); from step 31 the margin is 0.96, and the 5-step
+    # mean is 2.43, 2.06, 1.70, then 1.33 <= 1.4 (half the peak) at step 34: 10 such steps end at 43
+    assert warned == [43] and watch.relapsed_at == 43 and watch.peak == pytest.approx(2.8)
+    message = [str(w.message) for w in caught if "relapsed" in str(w.message)]
+    assert len(message) == 1
+    assert "relapsed at step 43" in message[0] and "against 2.80 at step" in message[0]
+    assert "0.96 below the chance level" in message[0] and "mean cosine of 0.970" in message[0]
+
+
+def test_relapse_watch_ignores_noise_a_slow_start_and_runs_that_never_learned():
+    from moon.train.collapse import RelapseWatch
+
+    rng = torch.Generator().manual_seed(0)
+    # a healthy run with batch noise of ±0.6 nats around a margin of 2.5: never a relapse
+    noisy = (5.66 - 2.5 + (torch.rand(200, generator=rng) - 0.5) * 1.2).tolist()
+    watch = RelapseWatch(start=10, warn=False)
+    assert not any(watch.update(i + 1, loss, 5.66) for i, loss in enumerate(noisy))
+    # a run that never got 0.5 nats below chance cannot relapse, however it wanders
+    weak = [5.66 - 0.4] * 20 + [5.66] * 40
+    watch = RelapseWatch(warn=False)
+    assert not any(watch.update(i + 1, loss, 5.66) for i, loss in enumerate(weak))
+    # a dip that lasts fewer than PATIENCE steps is not a relapse
+    losses, chances = _relapse_run(n_fall=0)
+    dip = losses + [4.7] * 8 + [2.9] * 20
+    watch = RelapseWatch(warn=False)
+    assert not any(watch.update(i + 1, loss, 5.66) for i, loss in enumerate(dip))
+    # warm-up steps are not fed (a fresh model's loss starts anywhere)
+    watch = RelapseWatch(start=100, warn=False)
+    assert not any(watch.update(i + 1, loss, ch) for i, (loss, ch) in enumerate(zip(*_relapse_run(), strict=True)))
+
+
+def test_assess_calls_a_run_relapsed_at_the_step_the_trainer_warns_at():
+    losses, chances = _relapse_run()
+    down = assess(_records([0.95] * len(losses), losses, chances), warmup=2)
+    assert down.verdict == "relapsed" and down.relapsed_at == 43 and down.collapsed_at is None
+    # relapsed, then learned again: the step is kept, the verdict is what the end looks like
+    back_losses = losses + [2.9] * 20
+    back = assess(_records([0.9] * len(back_losses), back_losses, [5.66] * len(back_losses)), warmup=2)
+    assert back.verdict == "learning" and back.relapsed_at == 43
+    healthy = assess(_records([0.8] * 30, [3.0] * 30, [5.66] * 30), warmup=2)
+    assert healthy.relapsed_at is None and healthy.verdict == "learning"
+
+
+def test_the_trainer_feeds_the_relapse_watch_what_it_logs(tmp_path, monkeypatch):
+    # the report replays metrics.jsonl through RelapseWatch; the trainer must feed it the same numbers
+    import moon.train.loop as loop
+    from moon.train.collapse import RelapseWatch
+
+    fed = []
+
+    class Spy(RelapseWatch):
+        def update(self, step, loss, chance, cosine=None):
+            fed.append((step, loss, chance, cosine, self.start))
+            return super().update(step, loss, chance, cosine)
+
+    monkeypatch.setattr(loop, "RelapseWatch", Spy)
+    records, _ = _train_toy(tmp_path, "py:toy_embedder:make_toy", steps=4, warmup=1)
+    assert [f[0] for f in fed] == [r["step"] for r in records] == [1, 2, 3, 4]
+    for (_, loss, chance, cosine, start), r in zip(fed, records, strict=True):
+        assert start == 1  # the warm-up
+        assert loss == pytest.approx(r["contrastive"]) and chance == pytest.approx(r["chance_loss"])
+        assert cosine == pytest.approx(r["product_cosine"])

@@ -305,3 +305,49 @@ def test_training_logs_both_scores_and_best_is_chosen_by_recall(store, finished)
     top = max(records, key=lambda r: (r["val_recall@10"], -r["step"]))
     assert best == {"step": top["step"], "val_hit@10": top["val_hit@10"], "val_recall@10": top["val_recall@10"]}
     assert math.isfinite(best["val_recall@10"])
+
+
+@pytest.mark.parametrize("overrides", [{"lr": 1e30, "grad_clip": None}, {"lr": 1e30, "grad_clip": 1.0}])
+def test_a_diverging_run_stops_with_an_error_and_writes_no_final(tmp_path, overrides):
+    # issue #29: `optim.lr=1e30 optim.grad_clip=null` used to exit 0 with NaN weights saved in final/
+    from moon.errors import TrainingError
+
+    cfg = _config(_store(tmp_path / "store"), tmp_path / "run", steps=6)
+    cfg.optim.lr, cfg.optim.grad_clip = overrides["lr"], overrides["grad_clip"]
+    with pytest.raises(TrainingError, match=r"training diverged at step \d+: .*final/ was not written") as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "final").exists()
+    for saved in (tmp_path / "run").rglob("*.safetensors"):  # whatever was saved before is finite
+        from safetensors.torch import load_file
+
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(saved).values() if t.is_floating_point()), saved
+
+
+def test_nan_gradients_are_never_applied(tmp_path, monkeypatch):
+    # a NaN in the gradients stops the run before the optimizer moves any weight
+    import moon.train.loop as loop
+    from moon.errors import TrainingError
+
+    cfg = _config(_store(tmp_path / "store"), tmp_path / "run", steps=6)
+    cfg.run.val_every, cfg.run.ckpt_every = 0, 0
+    steps_taken = []
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        steps_taken.append(1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    real = loop._stop_if_diverged
+
+    def poisoned(step, loss, grad_norm, params, run_dir):
+        if step == 3:
+            params[0].grad.view(-1)[0] = float("nan")
+            grad_norm = None  # measure again, as with optim.grad_clip null
+        return real(step, loss, grad_norm, params, run_dir)
+
+    monkeypatch.setattr(loop, "_stop_if_diverged", poisoned)
+    with pytest.raises(TrainingError, match="training diverged at step 3: loss .*, gradient norm nan"):
+        train(cfg)
+    assert len(steps_taken) == 2

@@ -15,6 +15,7 @@ Every problem is listed in ``STORE/import-report.jsonl``.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as _dt
 import hashlib
@@ -249,6 +250,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except _LineTooLong as exc:
                 yield i, {"__error__": str(exc)}
                 continue
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the first row
+                raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():
                 continue
             try:
@@ -266,7 +269,9 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
     their own row bad. Row numbers count records after the header (1 = first data row)."""
     previous = csv.field_size_limit(MAX_CSV_FIELD)
     try:
-        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        # utf-8-sig: an Excel export starts with a byte-order mark, which must not become part of
+        # the first column's name ("\ufeffid" would make every row "no id")
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.reader(_BoundedLines(fh, binary=False), delimiter=delimiter)
             try:
                 header = next(reader)
@@ -295,6 +300,21 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
         csv.field_size_limit(previous)
 
 
+def _batch_rows(batch: Any) -> list[dict[str, Any]]:
+    """A parquet batch as row dicts; a row whose value Python cannot hold (a timestamp in the year
+    3,000,000) becomes ``{"__error__": reason}`` instead of failing the whole batch."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # noqa: BLE001 - OverflowError, ValueError, arrow errors: find the bad rows
+        rows = []
+        for j in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(j, 1).to_pylist()[0])
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"__error__": f"unreadable value ({str(exc)[:200]})"})
+        return rows
+
+
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(row_number, row_dict)`` from a json / jsonl / parquet / csv file (row numbers from 1).
 
@@ -307,7 +327,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if suffix in (".jsonl", ".ndjson"):
         yield from _jsonl_rows(path)
     elif suffix == ".json":
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # a leading BOM is dropped
         try:
             data = json.loads(text)
         except RecursionError as exc:
@@ -341,7 +361,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except Exception as exc:  # noqa: BLE001 - a damaged row group: keep what came before
                 yield i + 1, {"__error__": f"unreadable from here on ({exc})", "__stop__": True}
                 return
-            for row in batch.to_pylist():
+            for row in _batch_rows(batch):
                 i += 1
                 yield i, row
     elif suffix in (".csv", ".tsv"):
@@ -566,9 +586,13 @@ def import_mbe(
             raise DataError(f"{path}: no such file")
     report = ImportReport()
     created = {"tool": "moon data import-mbe", "sources": [str(p) for p, _ in files]}
-    with StoreWriter(root, created=created, overwrite=overwrite) as writer:
+    # everything goes to the writer's staging folder and replaces what is at ``out`` only once every
+    # source was read; a source that is one of the files the store would replace is refused
+    with StoreWriter(
+        root, created=created, overwrite=overwrite, sources=[p for p, _ in files], extra_files=(REPORT_FILE,)
+    ) as writer:
         resolver = ImageResolver(
-            writer.root,
+            writer.staging,
             Path(images_dir) if images_dir else None,
             Path(cache_dir) if cache_dir else DEFAULT_CACHE,
             download,
@@ -596,8 +620,8 @@ def import_mbe(
                 )  # fmt: skip
             except RowError as exc:
                 report.skipped_rows.append(f"{where}: {exc}")
-        report.report_file = str(writer.root / REPORT_FILE)
-        with open(writer.root / REPORT_FILE, "w", encoding="utf-8") as fh:
+        report.report_file = str(root / REPORT_FILE)
+        with open(writer.staging / REPORT_FILE, "w", encoding="utf-8") as fh:
             for problem in report.problems():
                 fh.write(json.dumps(problem, ensure_ascii=False) + "\n")
         writer.created["report"] = {

@@ -10,14 +10,17 @@ Layout (documented in ``docs/store-format.md``)::
       boxes.parquet        image, x0, y0, x1, y1, source, score, crop, kind   (optional)
       images/              image files (paths in the tables are relative to STORE)
 
-:class:`StoreWriter` streams records to disk in row groups (bounded memory for large catalogues);
-:class:`ProductStore` opens a store, streams records back, looks products up by id and validates.
+:class:`StoreWriter` streams records to disk in row groups (bounded memory for large catalogues),
+into a staging folder (``STORE/.moon-tmp-…/``) that replaces the old files only once the whole
+write succeeded; :class:`ProductStore` opens a store, streams records back, looks products up by id
+and validates.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -85,18 +88,24 @@ class StoreError(DataError):
     """The directory is not a readable product store."""
 
 
-def _rel(path: Any, root: Path) -> str:
-    """A path as stored: relative to the store root, with forward slashes."""
+def _rel(path: Any, root: Path | tuple[Path, ...]) -> str:
+    """A path as stored: relative to the store root, with forward slashes.
+
+    ``root`` may be several folders that stand for the store (a writer's staging folder first,
+    then the store itself): an absolute path under any of them is made relative to it."""
     p = Path(path)
     if p.is_absolute():
-        try:
-            p = p.relative_to(root)
-        except ValueError:
-            raise StoreError(f"{path}: image lies outside the store {root}; copy it under images/ first") from None
+        roots = root if isinstance(root, tuple) else (root,)
+        for r in roots:
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                continue
+        raise StoreError(f"{path}: image lies outside the store {roots[-1]}; copy it under images/ first") from None
     return p.as_posix()
 
 
-def _product_row(p: Product, root: Path) -> dict[str, Any]:
+def _product_row(p: Product, root: Path | tuple[Path, ...]) -> dict[str, Any]:
     return {
         "id": str(p.id),
         "title": p.title or "",
@@ -107,11 +116,11 @@ def _product_row(p: Product, root: Path) -> dict[str, Any]:
     }
 
 
-def _query_row(q: Query, root: Path) -> dict[str, Any]:
+def _query_row(q: Query, root: Path | tuple[Path, ...]) -> dict[str, Any]:
     return {"id": str(q.id), "text": q.text, "images": [_rel(x, root) for x in q.images], "split": q.split}
 
 
-def _purchase_row(p: Purchase, root: Path) -> dict[str, Any]:
+def _purchase_row(p: Purchase, root: Path | tuple[Path, ...]) -> dict[str, Any]:
     return {
         "query_id": str(p.query_id),
         "product_id": str(p.product_id),
@@ -120,7 +129,7 @@ def _purchase_row(p: Purchase, root: Path) -> dict[str, Any]:
     }
 
 
-def _box_row(b: Box, root: Path) -> dict[str, Any]:
+def _box_row(b: Box, root: Path | tuple[Path, ...]) -> dict[str, Any]:
     return {
         "image": _rel(b.image, root),
         "x0": b.x0,
@@ -171,16 +180,99 @@ class _TableSink:
             self.writer.close()
 
 
+STAGING_PREFIX = ".moon-tmp-"
+MANIFEST_FILE = "manifest.json"
+
+
+def _table_files() -> tuple[str, ...]:
+    return tuple(f"{name}.parquet" for name in TABLES)
+
+
+def _manifest_format(path: Path) -> str | None:
+    """The ``format`` a ``manifest.json`` names (``moon-store``, ``moon-index`` …), ``"?"`` when it
+    cannot be read as a JSON object; never raises."""
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return "?"
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return "?"
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else "?"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one missing or unreadable
+        return False
+
+
+def store_outputs(root: str | os.PathLike, extra_files: Iterable[str] = ()) -> list[Path]:
+    """The files a store write into ``root`` creates or replaces: the tables, ``manifest.json`` and
+    ``extra_files`` (names relative to ``root``, e.g. ``import-report.jsonl``)."""
+    r = Path(root)
+    return [r / name for name in (*_table_files(), MANIFEST_FILE, *extra_files)]
+
+
+def check_sources_are_not_outputs(
+    root: str | os.PathLike, sources: Iterable[str | os.PathLike], extra_files: Iterable[str] = ()
+) -> None:
+    """Refuse (:class:`StoreError`) when an input file is one the store write would replace.
+
+    Compared as files (``os.path.samefile``: symlinks and hard links count), so
+    ``import-mbe products.parquet --out .`` is refused before anything is written."""
+    outputs = [o for o in store_outputs(root, extra_files) if o.exists()]
+    for src in sources:
+        for out in outputs:
+            if _same_file(Path(src), out):
+                raise StoreError(
+                    f"{src}: this source is the {out.name} that writing the store into {root} would replace; "
+                    "a source is never overwritten (move it, or write the store to another folder)"
+                )
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    """Move ``src`` (a file or a folder) to ``dest``; a folder is merged into an existing one,
+    file by file (an existing file of the same name is replaced)."""
+    if src.is_dir() and not src.is_symlink():
+        if dest.is_dir():
+            for child in sorted(src.iterdir()):
+                _move_into(child, dest / child.name)
+            src.rmdir()
+            return
+        if dest.exists() or dest.is_symlink():
+            dest.unlink()
+    elif _same_file(src, dest):  # hard links of one file: rename(2) would do nothing and keep src
+        src.unlink()
+        return
+    os.replace(src, dest)
+
+
 class StoreWriter:
     """Writes a store directory, streaming each table to parquet in row groups.
 
-    Use as a context manager; ``manifest.json`` is written last, on a clean exit, so a store
-    without a manifest is known to be incomplete::
+    Use as a context manager::
 
         with StoreWriter(out, created={"tool": "import-mbe"}) as w:
             w.add_product(Product(id="p1", title="...", images=[out / "images/p1.jpg"]))
 
-    Image paths may be absolute (inside the store) or relative to it.
+    Everything is written into a hidden staging folder, ``out/.moon-tmp-<pid>-<random>/`` (same
+    file system, so the final moves are renames), and moved into ``out`` only when the whole write
+    succeeded: the tables, anything the caller wrote under :attr:`staging` (images, reports), and
+    ``manifest.json`` last. Until then an existing store at ``out`` is untouched; an exception
+    removes the staging folder (a new ``out`` is left as an empty folder, which reads as "no
+    manifest.json"); a killed process leaves only the staging folder behind, which may be deleted.
+
+    Refused with :class:`StoreError` before anything is written: a store already at ``out``
+    without ``overwrite``; a folder that holds a ``manifest.json`` which is not a store's (an
+    index folder) or a table file without a store manifest (``products.parquet`` of the user's
+    own), without ``overwrite``; any of ``sources`` (files the caller reads while writing) that is
+    one of the files the write would replace, even with ``overwrite``.
+
+    Image paths may be absolute (inside ``out`` or inside :attr:`staging`) or relative to the store.
+    ``extra_files`` names other top-level files the caller writes under :attr:`staging` (they are
+    checked like the tables).
     """
 
     def __init__(
@@ -190,28 +282,57 @@ class StoreWriter:
         created: dict[str, Any] | None = None,
         overwrite: bool = False,
         flush_every: int = 2048,
+        sources: Iterable[str | os.PathLike] = (),
+        extra_files: Iterable[str] = (),
     ):
         self.root = Path(root)
-        if (self.root / "manifest.json").exists() and not overwrite:
-            raise StoreError(f"{self.root}: a store already exists here (pass overwrite to replace it)")
+        self.overwrite = overwrite
+        self.extra_files = tuple(extra_files)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root}: exists and is not a directory")
+        check_sources_are_not_outputs(self.root, sources, self.extra_files)
+        self._check_target()
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "images").mkdir(exist_ok=True)
-        if (self.root / "manifest.json").exists():
-            (self.root / "manifest.json").unlink()
-        # tables of the store being replaced must not survive it (boxes.parquet is optional)
-        for name in TABLES:
-            stale = self.root / f"{name}.parquet"
-            if stale.exists():
-                stale.unlink()
+        #: the folder being written; moved into :attr:`root` by :meth:`close`
+        self.staging = self.root / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.staging.mkdir()
+        (self.staging / "images").mkdir()
         self.created = dict(created or {})
         self._sinks = {
-            name: _TableSink(self.root / f"{name}.parquet", schema, flush_every) for name, schema in TABLES.items()
+            name: _TableSink(self.staging / f"{name}.parquet", schema, flush_every) for name, schema in TABLES.items()
         }
+        self._roots = (self.staging, self.root)
         self._write_boxes = False
         self._closed = False
 
+    def _check_target(self) -> None:
+        """Refuse to replace what is not ours to replace (see the class docstring)."""
+        if not self.root.is_dir():
+            return
+        manifest = self.root / MANIFEST_FILE
+        how = "pass --overwrite / overwrite=True to replace it"
+        if manifest.exists():
+            fmt = _manifest_format(manifest)
+            if fmt == FORMAT_NAME:
+                if not self.overwrite:
+                    raise StoreError(f"{self.root}: a store already exists here ({how})")
+                return
+            if not self.overwrite:
+                what = "an index" if fmt == "moon-index" else f"a {fmt!r} manifest" if fmt != "?" else "unreadable"
+                raise StoreError(
+                    f"{self.root}: not a product store (its manifest.json is {what}); refusing to write a store "
+                    f"over it ({how})"
+                )
+            return
+        foreign = [n for n in (*_table_files(), *self.extra_files) if (self.root / n).exists()]
+        if foreign and not self.overwrite:
+            raise StoreError(
+                f"{self.root}: holds {', '.join(foreign)} but is not a product store (no manifest.json); "
+                f"refusing to replace {'it' if len(foreign) == 1 else 'them'} ({how})"
+            )
+
     def _add(self, table: str, record: Any) -> None:
-        self._sinks[table].add(_ROW_OF[table](record, self.root))
+        self._sinks[table].add(_ROW_OF[table](record, self._roots))
 
     def add_product(self, product: Product) -> None:
         self._add("products", product)
@@ -233,23 +354,58 @@ class StoreWriter:
             adders[type(rec)](rec)
 
     def close(self) -> dict[str, Any]:
-        """Flush every table and write the manifest; returns the manifest."""
+        """Flush every table, write the manifest and move the finished store into place; returns
+        the manifest. Nothing at :attr:`root` changes unless every table was written."""
         if self._closed:
             return read_manifest(self.root)
-        for name, sink in self._sinks.items():
-            if name == "boxes" and not self._write_boxes:
-                continue
-            sink.close()
-        counts = {name: sink.count for name, sink in self._sinks.items() if name != "boxes" or self._write_boxes}
-        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "counts": counts, "created": self.created}
-        write_manifest(self.root, manifest)
+        try:
+            for name, sink in self._sinks.items():
+                if name == "boxes" and not self._write_boxes:
+                    continue
+                sink.close()
+            counts = {name: sink.count for name, sink in self._sinks.items() if name != "boxes" or self._write_boxes}
+            manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "counts": counts, "created": self.created}
+            write_manifest(self.staging, manifest)
+        except BaseException:
+            self.abort()
+            raise
+        self._commit()
         self._closed = True
         return manifest
 
+    def _commit(self) -> None:
+        """Move the complete staged store into :attr:`root` (renames only), ``manifest.json`` last.
+
+        The old manifest goes first, so a crash inside this short window leaves a folder that reads
+        as an interrupted write (no manifest), never an old manifest over new tables."""
+        try:
+            old = self.root / MANIFEST_FILE
+            if old.exists() or old.is_symlink():
+                old.unlink()
+            for entry in sorted(self.staging.iterdir()):
+                if entry.name != MANIFEST_FILE:
+                    _move_into(entry, self.root / entry.name)
+            # tables of the store being replaced must not survive it (boxes.parquet is optional)
+            stale = self.root / "boxes.parquet"
+            if not self._write_boxes and stale.exists():
+                stale.unlink()
+            os.replace(self.staging / MANIFEST_FILE, old)
+            self.staging.rmdir()
+        except OSError as exc:
+            raise StoreError(
+                f"{self.root}: could not move the written store into place ({exc}); "
+                f"what was not moved is in {self.staging}"
+            ) from exc
+
     def abort(self) -> None:
+        """Drop everything written so far; the folder is left as it was before this writer."""
         for sink in self._sinks.values():
             if sink.writer is not None:
-                sink.writer.close()
+                try:
+                    sink.writer.close()
+                except Exception:  # noqa: BLE001 - the files are deleted next anyway
+                    pass
+        shutil.rmtree(self.staging, ignore_errors=True)
         self._closed = True
 
     def __enter__(self) -> StoreWriter:
@@ -258,7 +414,7 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif not self._closed:
             self.abort()
 
 

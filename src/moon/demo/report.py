@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 
 from moon.demo.stages import StageRecord
-from moon.train.collapse import COSINE_THRESHOLD, LEARNING_MARGIN, PATIENCE, assess, record_chance, record_loss
+from moon.train.collapse import (
+    COSINE_THRESHOLD,
+    LEARNING_MARGIN,
+    PATIENCE,
+    RELAPSE_KEEP,
+    RELAPSE_MIN_PEAK,
+    RELAPSE_WINDOW,
+    assess,
+    record_chance,
+    record_loss,
+)
 
 RETRIEVAL = ("text2product", "image2product", "multimodal2product", "product2product")
 
@@ -82,8 +92,11 @@ TRAINING_HEALTH_NOTE = (
     f"A step is collapsed when the mean cosine between its product vectors is ≥ {COSINE_THRESHOLD} (every product gets "
     f"almost the same vector), whatever the loss; a run has collapsed at the step ending {PATIENCE} collapsed steps in a "
     "row after the warm-up — the step the trainer warns at. Otherwise a run is learning when its last steps' loss is "
-    f"≥ {LEARNING_MARGIN} below their chance level. Verdicts: collapsed (and still at the end), recovered, near collapse "
-    "(collapsed at the end, but fewer steps than that), learning, at chance (moon.train.collapse; docs/training.md)."
+    f"≥ {LEARNING_MARGIN} below their chance level. A run has relapsed (learned, then fell back) at the step ending "
+    f"{PATIENCE} steps in a row whose loss, averaged over {RELAPSE_WINDOW} steps, is at most {RELAPSE_KEEP:.0%} as far "
+    f"below chance as at its best (when that best was ≥ {RELAPSE_MIN_PEAK} nats) — the trainer warns there too. "
+    "Verdicts: collapsed (and still at the end), recovered, near collapse (collapsed at the end, but fewer steps than "
+    "that), relapsed (and still down at the end), learning, at chance (moon.train.collapse; docs/training.md)."
 )
 
 
@@ -91,7 +104,7 @@ def training_rows(trained: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per trained model from its run's ``metrics.jsonl``, judged by
     :func:`moon.train.collapse.assess` (the trainer's own definition of collapse): contrastive loss
     and that steps' chance level for the first and the last 5 logged steps, the last steps'
-    product cosine, the step the run collapsed at, and the verdict (last column)."""
+    product cosine, the steps the run collapsed and relapsed at, and the verdict (last column)."""
     header = [
         "model",
         "steps",
@@ -101,6 +114,7 @@ def training_rows(trained: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "chance, last 5",
         "product cosine, last 5",
         "collapsed at step",
+        "relapsed at step",
         "verdict",
     ]
     rows = []
@@ -112,7 +126,8 @@ def training_rows(trained: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cos = f"{h.last_cosine:.3f}" if math.isfinite(h.last_cosine) else "n/a"
         rows.append(
             [name, str(h.steps), f"{h.first_loss:.3f}", f"{h.first_chance:.3f}", f"{h.last_loss:.3f}",
-             f"{h.last_chance:.3f}", cos, str(h.collapsed_at) if h.collapsed_at is not None else "–", h.verdict]
+             f"{h.last_chance:.3f}", cos, str(h.collapsed_at) if h.collapsed_at is not None else "–",
+             str(h.relapsed_at) if h.relapsed_at is not None else "–", h.verdict]
         )  # fmt: skip
     return header, rows
 
@@ -158,6 +173,10 @@ def plot_training(trained: dict[str, Any], path: Path) -> Path | None:
                 ax.axvline(h.collapsed_at, color="#d62728", lw=1)
             bottom.annotate(f"collapsed at step {h.collapsed_at}", (h.collapsed_at, 0.0), xycoords=("data", "axes fraction"),
                             fontsize=7, color="#d62728", ha="left", va="bottom", xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        if h.relapsed_at is not None:
+            top.axvline(h.relapsed_at, color="#ff7f0e", lw=1)
+            top.annotate(f"relapsed at step {h.relapsed_at}", (h.relapsed_at, 1.0), xycoords=("data", "axes fraction"),
+                         fontsize=7, color="#ff7f0e", ha="left", va="top", xytext=(3, -3), textcoords="offset points")  # fmt: skip
         low = min(c for _, c in cos) if cos else 0.0
         bottom.set_ylim(min(low, COSINE_THRESHOLD) - 0.02 * (1 - min(low, 0.9)) - 0.005, 1.002)
         bottom.set_xlabel("step", fontsize=8)

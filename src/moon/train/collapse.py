@@ -17,11 +17,19 @@ candidates alike). From those and the step's contrastive loss:
   a row after the warm-up (a fresh model starts anywhere). That is when :class:`CollapseWatch`
   warns, and the step :func:`assess` reports.
 
+:class:`RelapseWatch` catches the other failure: a run that **learned, then fell back** (loss
+climbing back towards chance while the vectors drift together, without reaching the 0.99 cosine of
+a full collapse). Its measure is the step's **margin**, ``chance_loss - loss``, averaged over the last
+``RELAPSE_WINDOW`` (5) logged steps; after the warm-up it keeps the best such mean (the **peak**).
+A run **has relapsed** at the first step that ends ``PATIENCE`` (10) steps in a row whose mean margin
+is at most ``RELAPSE_KEEP`` (half) of a peak of at least ``RELAPSE_MIN_PEAK`` (0.5 nats): it has
+lost more than half of what it had learned, and for long enough that batch noise is not the cause.
+
 :func:`assess` turns a run's metrics records into a :class:`Health` verdict: ``collapsed`` (has
 collapsed, and the last ``window`` steps' mean cosine is still ≥ the threshold), ``recovered``
 (had collapsed, is no longer), ``near collapse`` (the last steps are collapsed but fewer than
-``PATIENCE`` of them), else ``learning`` / ``at chance`` from the last steps' mean loss and
-mean chance loss.
+``PATIENCE`` of them), ``relapsed`` (has relapsed and is still down at its last step), else
+``learning`` / ``at chance`` from the last steps' mean loss and mean chance loss.
 """
 
 from __future__ import annotations
@@ -37,9 +45,12 @@ import torch
 COSINE_THRESHOLD = 0.99
 PATIENCE = 10
 LEARNING_MARGIN = 0.1
+RELAPSE_WINDOW = 5
+RELAPSE_KEEP = 0.5
+RELAPSE_MIN_PEAK = 0.5
 
 STATES = ("collapsed", "learning", "at chance")
-VERDICTS = ("collapsed", "recovered", "near collapse", "learning", "at chance", "no data")
+VERDICTS = ("collapsed", "recovered", "near collapse", "relapsed", "learning", "at chance", "no data")
 
 
 def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
@@ -113,6 +124,68 @@ class CollapseWatch:
         return False
 
 
+class RelapseWatch:
+    """Warns once (``warn=True``) when a run that had learned loses more than ``keep``'s complement
+    of it: the mean margin ``chance_loss - loss`` over the last ``window`` steps has been at most
+    ``keep × peak`` for ``patience`` steps in a row, where ``peak`` (≥ ``min_peak`` nats) is the best
+    such mean after ``start`` (the warm-up). See the module docstring; :func:`assess` replays it."""
+
+    def __init__(
+        self,
+        start: int = 0,
+        *,
+        window: int = RELAPSE_WINDOW,
+        keep: float = RELAPSE_KEEP,
+        min_peak: float = RELAPSE_MIN_PEAK,
+        patience: int = PATIENCE,
+        warn: bool = True,
+    ):
+        self.start, self.window, self.keep, self.min_peak, self.patience, self.warn = (
+            start, window, keep, min_peak, patience, warn
+        )  # fmt: skip
+        self.margins: list[float] = []
+        self.peak = float("-inf")
+        self.peak_step: int | None = None
+        self.run = 0
+        self.relapsed_at: int | None = None
+
+    def update(self, step: int, loss: float | None, chance: float | None, cosine: float | None = None) -> bool:
+        """Feed step ``step``'s contrastive loss and chance loss (and product cosine, for the
+        message); returns True (and warns) the first time the run has relapsed."""
+        if step <= self.start or not (_finite(loss) and _finite(chance)):
+            return False
+        self.margins = (self.margins + [float(chance) - float(loss)])[-self.window :]  # type: ignore[arg-type]
+        if len(self.margins) < self.window:
+            return False
+        mean = sum(self.margins) / len(self.margins)
+        if mean > self.peak:
+            self.peak, self.peak_step = mean, step
+        fallen = self.peak >= self.min_peak and mean <= self.keep * self.peak
+        self.run = self.run + 1 if fallen else 0
+        if self.run >= self.patience and self.relapsed_at is None:
+            self.relapsed_at = step
+            if self.warn:
+                warnings.warn(relapse_message(step, self, mean, cosine), RuntimeWarning, stacklevel=2)
+            return True
+        return False
+
+
+def relapse_message(step: int, watch: RelapseWatch, margin: float, cosine: float | None) -> str:
+    """The trainer's relapse warning, true to the numbers it quotes."""
+    text = (
+        f"training has relapsed at step {step}: over the last {watch.window} steps the loss is on average "
+        f"{margin:.2f} below the chance level, against {watch.peak:.2f} at step {watch.peak_step}; it has stayed "
+        f"under {watch.keep:.0%} of that for {watch.run} steps in a row, so the model has lost more than half of what "
+        "it had learned."
+    )
+    if _finite(cosine):
+        text += f" The batch's product vectors have a mean cosine of {cosine:.3f} (collapse: ≥ {COSINE_THRESHOLD})."
+    return (
+        text + " The best checkpoint by validation (best/) is kept; a smaller optim.lr, a smaller "
+        "negatives.queue_size or negatives.queue_max_age usually keep a run stable; see docs/training.md"
+    )
+
+
 def collapse_message(
     step: int, streak: int, cosine: float, loss: float | None, chance: float | None, threshold: float = COSINE_THRESHOLD
 ) -> str:
@@ -148,6 +221,7 @@ class Health:
     steps: int  # logged steps with a loss
     collapsed_at: int | None  # the step CollapseWatch warns at (None: never)
     collapsed_steps: int  # logged steps after the warm-up whose state is "collapsed"
+    relapsed_at: int | None  # the step RelapseWatch warns at (None: never)
     first_loss: float  # mean of the first `window` steps
     first_chance: float
     last_loss: float  # mean of the last `window` steps
@@ -176,10 +250,12 @@ def assess(records: Iterable[Mapping[str, Any]], *, warmup: int = 0, window: int
     recs = [r for r in records if _finite(r.get("loss"))]
     nan = float("nan")
     if not recs:
-        return Health("no data", 0, None, 0, nan, nan, nan, nan, nan)
+        return Health("no data", 0, None, 0, None, nan, nan, nan, nan, nan)
     watch = CollapseWatch(start=warmup, warn=False)
+    relapse = RelapseWatch(start=warmup, warn=False)
     collapsed_steps = 0
     for r in recs:
+        relapse.update(int(r["step"]), record_loss(r), record_chance(r))
         cos = r.get("product_cosine")
         if _finite(cos):
             watch.update(int(r["step"]), float(cos))
@@ -197,6 +273,7 @@ def assess(records: Iterable[Mapping[str, Any]], *, warmup: int = 0, window: int
         steps=len(recs),
         collapsed_at=watch.collapsed_at,
         collapsed_steps=collapsed_steps,
+        relapsed_at=relapse.relapsed_at,
         first_loss=mean([record_loss(r) for r in first]),
         first_chance=mean([record_chance(r) for r in first]),
         last_loss=mean([record_loss(r) for r in last]),
@@ -208,6 +285,8 @@ def assess(records: Iterable[Mapping[str, Any]], *, warmup: int = 0, window: int
         h.verdict = "collapsed" if end == "collapsed" else "recovered"
     elif end == "collapsed":
         h.verdict = "near collapse"
+    elif relapse.relapsed_at is not None and relapse.run > 0:  # relapsed, and still down at the end
+        h.verdict = "relapsed"
     else:
         h.verdict = end
     return h

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from moon import progress
-from moon.errors import ConfigError
+from moon.errors import ConfigError, TrainingError
 from moon.train import checkpoints as ckpt
-from moon.train.collapse import CollapseWatch, chance_loss
+from moon.train.collapse import CollapseWatch, RelapseWatch, chance_loss
 from moon.train.config import TrainConfig, config_from_dict, read_yaml, validate_config
 from moon.train.dataset import open_training_data
 from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
@@ -246,6 +246,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     total = config.optim.steps
     logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=ctx.is_main)
     collapse = CollapseWatch(start=config.optim.warmup_steps)
+    relapse = RelapseWatch(start=config.optim.warmup_steps)
     # warnings (the collapse warning above all) are shown at the step that raises them, not summarised
     bar = progress.bar(
         total,
@@ -271,6 +272,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             grad_norm = None
             if config.optim.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip))
+            _stop_if_diverged(step + 1, result.loss, grad_norm, params, run_dir)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -305,16 +307,20 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                         best, improved = scores[RECALL_KEY], True
             if done % config.run.log_every == 0 or validate_now or done == total:
                 logger.log(record)
+            checkpoint_now = bool(config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total
+            if (improved or checkpoint_now) and not fsdp:  # (sharded weights: checked by their own ranks' losses)
+                _check_finite_weights(model, done, run_dir)
             if improved:
                 _save_embedder(model, run_dir / "best", config, ctx, fsdp)
             if improved and ctx.is_main:
                 (run_dir / "best.json").write_text(
                     json.dumps({"step": done, **(scores or {})}) + "\n", encoding="utf-8"
                 )
-            if (config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total:
+            if checkpoint_now:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
                 collapse.update(done, result.product_cosine, result.contrastive, record["chance_loss"])
+                relapse.update(done, result.contrastive, record["chance_loss"], result.product_cosine)
             last = record
             bar.update(1)
             bar.set_postfix(
@@ -378,6 +384,33 @@ def _calibrate(model: Any, data: Any, seed: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # input truncation is reported by the training steps
         model.calibrate([products[i] for i in sorted(pick_p)], [queries[i] for i in sorted(pick_q)])
+
+
+def _stop_if_diverged(
+    step: int, loss: float, grad_norm: float | None, params: list[torch.nn.Parameter], run_dir: Path
+) -> None:
+    """Raise :class:`TrainingError` before the optimizer applies a step whose loss or gradients are
+    not finite (a diverged run must not go on, and must not end in ``final/`` with NaN weights)."""
+    if grad_norm is None:  # no clipping configured: measure the norm anyway (clipping at inf changes nothing)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf"))) if params else 0.0
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingError(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; this step was not applied and "
+        f"final/ was not written (earlier checkpoints in {run_dir / 'checkpoints'} and best/ are kept). "
+        "Lower optim.lr, set optim.grad_clip (e.g. 1.0), or use run.precision=fp32"
+    )
+
+
+def _check_finite_weights(model: Any, step: int, run_dir: Path) -> None:
+    """Refuse to save non-finite weights (an update can overflow even when its gradients were finite)."""
+    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise TrainingError(
+            f"training diverged at step {step}: parameter {bad} is no longer finite; nothing of this step was saved "
+            f"and final/ was not written (earlier checkpoints in {run_dir / 'checkpoints'} and best/ are kept). "
+            "Lower optim.lr or set optim.grad_clip (e.g. 1.0)"
+        )
 
 
 def _save_embedder(model: Any, directory: Path, config: TrainConfig, ctx: DistContext, fsdp: bool) -> None:
