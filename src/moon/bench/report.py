@@ -3,7 +3,8 @@
 Layout of an output directory written by :func:`write_results`::
 
     OUT/results.json      {"model", "fingerprint", "data", "split", "tasks": {TASK: {"metrics", "main_score", ...}}}
-    OUT/rankings.jsonl    one row per task and query: task, query_id, ranked_product_ids (or ranked_labels + labels)
+    OUT/rankings.jsonl    one row per task and query: task, query_id, ranked_product_ids + relevant_product_ids
+                          (or ranked_labels + labels)
     OUT/results.md        the metrics as a markdown table
     OUT/recall_curves.png, OUT/level_accuracy.png, OUT/attribute_confusion.png   (when the tasks exist)
 """

@@ -84,6 +84,8 @@ class TaskResult:
             row: dict[str, Any] = {"task": self.spec.name, "query_id": qid, key: ranked}
             if self.truths:
                 row["labels"] = sorted(self.truths[i])
+            if self.relevant:  # what the metrics counted as a hit: per-query scores can be recomputed
+                row["relevant_product_ids"] = sorted(self.relevant[i])
             yield row
 
 
