@@ -24,7 +24,14 @@ def test_build_writes_manifest_and_finds_known_answers(tmp_path, toy_embedder, t
     assert manifest["kind"] == "exact" and manifest["count"] == 12 and manifest["dim"] == 16
     assert manifest["fingerprint"] == toy_embedder.fingerprint()
     assert manifest["store"] == str(toy_store.root) and manifest["recall_at_10"] == 1.0
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.parquet", "manifest.json", "vectors.faiss"]
+    # generation 1 of the layout of moon.index.atomic: data files named by generation, the writers' lock
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        ".moon-index.lock",
+        "ids.1.parquet",
+        "manifest.json",
+        "vectors.1.faiss",
+    ]
+    assert manifest["generation"] == 1 and manifest["files"]["vectors"]["name"] == "vectors.1.faiss"
 
     reopened = VectorIndex.open(tmp_path / "idx")
     assert reopened.ids() == index.ids() == toy_store.product_ids()
@@ -151,6 +158,8 @@ def test_open_reports_broken_directories(tmp_path, toy_embedder, toy_store):
     with pytest.raises(IndexFormatError, match="no manifest.json"):
         VectorIndex.open(tmp_path)
     build_index(toy_embedder, toy_store, tmp_path / "idx")
-    (tmp_path / "idx" / "vectors.faiss").write_bytes(b"garbage")
-    with pytest.raises(IndexFormatError, match="unreadable FAISS index"):
+    vectors_file = tmp_path / "idx" / read_manifest(tmp_path / "idx").files["vectors"]["name"]
+    size = vectors_file.stat().st_size
+    vectors_file.write_bytes(b"garbage")
+    with pytest.raises(IndexFormatError, match=f"does not belong to this index .7 bytes; .* records {size:,} bytes"):
         VectorIndex.open(tmp_path / "idx")

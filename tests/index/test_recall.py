@@ -69,7 +69,10 @@ def test_auto_ivfpq_reaches_the_target_on_fresh_queries(tmp_path):
         tmp_path / "q", ids, vectors, model="m", fingerprint="f", exact_limit=100, hnsw_limit=1000
     )
     m = index.manifest
-    assert m.kind == "ivfpq" and m.params["rerank"] >= 10 and (tmp_path / "q" / "rerank.f32").is_file()
+    assert m.kind == "ivfpq" and m.params["rerank"] >= 10
+    assert [s["rows"] for s in m.files["rerank"]] == [20_000] and (
+        tmp_path / "q" / m.files["rerank"][0]["name"]
+    ).is_file()
     assert m.recall_at_10 >= 0.93 and _fresh_recall(index, vectors, fresh) >= 0.9
     # the re-rank makes the scores exact inner products
     hits = index.search(fresh[:3], 5)
@@ -92,7 +95,8 @@ def test_auto_does_not_keep_an_ivfpq_that_misses_the_target(tmp_path):
         index = build_index_from_vectors(
             tmp_path / "r", ids, vectors, model="m", fingerprint="f", exact_limit=100, hnsw_limit=1000
         )
-    assert index.manifest.kind == "hnsw" and not (tmp_path / "r" / "rerank.f32").exists()
+    assert index.manifest.kind == "hnsw" and index.manifest.files["rerank"] == []
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith((".moon-tmp-", "rerank"))]
     fresh = rng.normal(size=(300, 64)).astype(np.float32)
     fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
     assert _fresh_recall(index, vectors, fresh) >= 0.9

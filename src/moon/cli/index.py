@@ -38,7 +38,11 @@ def index() -> None:
     show_default=True,
     help="Queries for the Recall@10 check: the store's own (encoded), else held-out products.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing index in --out (only once the new one is complete). Never a store's folder.",
+)
 @click.option(
     "--trust-remote-code",
     is_flag=True,
@@ -103,26 +107,31 @@ def build(
     help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
 )
 def add(index_dir, ids, ids_file, model, batch_size, trust_remote_code) -> None:
-    """Add products of the index's store (new ids are added, existing ones re-encoded)."""
+    """Add products of the index's store (new ids are added, existing ones re-encoded).
+
+    Holds the index's lock from reading it to saving it: concurrent add/remove runs wait for each
+    other and none is lost; searches and servers keep reading the old index until it is saved.
+    """
     from moon.data import ProductStore
     from moon.errors import DataError
-    from moon.index import VectorIndex, add_products, index_store_dir, load_index_embedder
+    from moon.index import VectorIndex, add_products, index_store_dir, load_index_embedder, read_manifest
 
-    idx = VectorIndex.open(index_dir)
-    store = ProductStore(index_store_dir(idx.manifest, index_dir))
     wanted = list(ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
-    if wanted:
-        products = []
-        for pid in wanted:
-            try:
-                products.append(store.product(pid))
-            except KeyError:
-                raise DataError(f"product id {pid!r} is not in the store {store.root}") from None
-    else:
-        products = [p for p in store.iter_products() if p.id not in idx]
-    embedder = load_index_embedder(idx.manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
-    added, replaced = add_products(idx, embedder, products, batch_size=batch_size, show_progress=True)
-    idx.save()
+    manifest = read_manifest(index_dir)  # the model is loaded before the lock is taken
+    embedder = load_index_embedder(manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
+    with VectorIndex.edit(index_dir) as idx:
+        store = ProductStore(index_store_dir(idx.manifest, index_dir))
+        if wanted:
+            products = []
+            for pid in wanted:
+                try:
+                    products.append(store.product(pid))
+                except KeyError:
+                    raise DataError(f"product id {pid!r} is not in the store {store.root}") from None
+        else:
+            products = [p for p in store.iter_products() if p.id not in idx]
+        added, replaced = add_products(idx, embedder, products, batch_size=batch_size, show_progress=True)
+        idx.save()
     click.echo(f"{index_dir}: added {added:,}, re-encoded {replaced:,}; {len(idx):,} products indexed")
 
 
@@ -131,16 +140,16 @@ def add(index_dir, ids, ids_file, model, batch_size, trust_remote_code) -> None:
 @click.argument("ids", nargs=-1)
 @click.option("--ids-file", type=click.File("r", encoding="utf-8"), help="A file with one product id per line.")
 def remove(index_dir, ids, ids_file) -> None:
-    """Remove products from the index by id."""
+    """Remove products from the index by id (holding the index's lock, like add)."""
     from moon.errors import ConfigError
     from moon.index import VectorIndex
 
     wanted = list(ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
     if not wanted:
         raise ConfigError("give the product ids to remove (arguments or --ids-file)")
-    idx = VectorIndex.open(index_dir)
-    removed = idx.remove(wanted)
-    idx.save()
+    with VectorIndex.edit(index_dir) as idx:
+        removed = idx.remove(wanted)
+        idx.save()
     click.echo(f"{index_dir}: removed {removed:,} of {len(set(wanted)):,} ids; {len(idx):,} products indexed")
 
 

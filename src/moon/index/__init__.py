@@ -1,9 +1,11 @@
 """Vector indexes of product stores (FAISS): build, add/remove products, search.
 
 ``build_index(embedder, store, out_dir)`` writes an index directory (see :mod:`moon.index.manifest`);
-``VectorIndex.open(dir)`` loads it; :func:`search` answers a text/photo query with ranked products.
+``VectorIndex.open(dir)`` loads it (``VectorIndex.edit(dir)`` under the index's lock, to change it);
+every write is atomic (:mod:`moon.index.atomic`); :func:`search` answers a text/photo query with ranked products.
 """
 
+from moon.index.atomic import IndexConflictError, IndexSaveError, check_index_target, index_lock
 from moon.index.build import (
     add_products,
     build_index,
@@ -24,7 +26,9 @@ __all__ = [
     "HNSW_LIMIT",
     "KINDS",
     "MAX_K",
+    "IndexConflictError",
     "IndexFormatError",
+    "IndexSaveError",
     "IndexManifest",
     "Neighbour",
     "SearchHit",
@@ -33,9 +37,11 @@ __all__ = [
     "build_index",
     "build_index_from_vectors",
     "check_embedder",
+    "check_index_target",
     "choose_kind",
     "default_params",
     "exact_topk",
+    "index_lock",
     "index_store_dir",
     "load_index_embedder",
     "make_query",

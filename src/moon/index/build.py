@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from moon import progress
 from moon.data import Product, ProductStore
 from moon.embedders import Embedder
 from moon.errors import ConfigError, DataError, MoonError
+from moon.index.atomic import check_index_target, index_lock, new_staging
 from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT, apply_search_params, choose_kind, default_params
 from moon.index.manifest import MANIFEST_FILE, IndexManifest
 from moon.index.recall import exact_topk, recall_at_k
@@ -180,6 +182,11 @@ def build_index_from_vectors(
 
     ``model`` and ``store`` are recorded as given, then overwritten by ``references`` (manifest
     fields, see :mod:`moon.index.references`) if given.
+
+    An index already in ``out_dir`` is replaced as a whole when the new one is saved, and stays as
+    it was if the build fails or is killed (:mod:`moon.index.atomic`); the index's lock is held
+    throughout. A folder whose ``manifest.json`` is not an index's is refused before anything is
+    written.
     """
     n, dim = vectors.shape
     if len(ids) != n:
@@ -187,9 +194,46 @@ def build_index_from_vectors(
     chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
     given = dict(params or {})
     merged = {**default_params(chosen, dim, n), **given}
-    index = VectorIndex.create(
-        out_dir, model=model, fingerprint=fingerprint, dim=dim, kind=chosen, store=store, params=merged
-    )
+    check_index_target(out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with index_lock(out_dir):
+        index = VectorIndex.create(
+            out_dir, model=model, fingerprint=fingerprint, dim=dim, kind=chosen, store=store, params=merged
+        )
+        try:
+            return _fill(
+                index, out_dir, ids, vectors, kind=kind, chosen=chosen, given=given, model=model,
+                fingerprint=fingerprint, store=store, recall_queries=recall_queries, queries=queries,
+                queries_source=queries_source, references=references, seed=seed, chunk=chunk,
+                show_progress=show_progress,
+            )  # fmt: skip
+        finally:
+            index.discard()  # unsaved re-rank rows of a failed build, or of an IVF-PQ attempt replaced by HNSW
+
+
+def _fill(
+    index: VectorIndex,
+    out_dir: str | os.PathLike,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    kind: str,
+    chosen: str,
+    given: dict[str, Any],
+    model: str,
+    fingerprint: str,
+    store: str,
+    recall_queries: int,
+    queries: np.ndarray | None,
+    queries_source: str,
+    references: dict[str, Any] | None,
+    seed: int,
+    chunk: int,
+    show_progress: bool,
+) -> VectorIndex:
+    """Train, add, measure and save ``index`` (the body of :func:`build_index_from_vectors`)."""
+    n, dim = vectors.shape
+    merged = index.manifest.params
     measured = chosen != "exact" and (queries is not None or recall_queries > 0)
     held = _held_out_rows(n, recall_queries, seed) if measured and queries is None else np.zeros(0, np.int64)
     keep = np.setdiff1d(np.arange(n, dtype=np.int64), held) if len(held) else np.arange(n, dtype=np.int64)
@@ -220,6 +264,7 @@ def build_index_from_vectors(
                 "instead",
                 stacklevel=2,
             )
+            index.discard()
             return build_index_from_vectors(
                 out_dir, ids, vectors, model=model, fingerprint=fingerprint, store=store, kind="hnsw",
                 params={k: v for k, v in given.items() if k in default_params("hnsw", dim, n)},
@@ -291,25 +336,61 @@ def build_index(
 ) -> VectorIndex:
     """Encode every product of ``store`` with ``embedder`` and write a FAISS index to ``out_dir``.
 
-    Vectors are spooled to a temporary ``.npy`` memmap in ``out_dir`` (n × dim × 4 bytes on disk,
-    deleted afterwards), so RAM holds one batch plus the FAISS index. ``model`` is the spec the
+    Vectors are spooled to a temporary ``.npy`` memmap in a staging folder inside ``out_dir``
+    (n × dim × 4 bytes on disk, deleted afterwards), so RAM holds one batch plus the FAISS index. ``model`` is the spec the
     user gave (defaults to ``embedder.name``); a directory is recorded absolute and relative to
     ``out_dir`` (:func:`moon.index.references.model_reference`), as is the store.
 
     For ``hnsw`` / ``ivfpq``, Recall@10 vs exact search is measured on up to ``recall_queries`` of
     the store's own queries, encoded by ``embedder`` (``recall_source: "queries"``); a store
     without queries gets held-out product vectors instead.
+
+    With ``overwrite`` an existing index is replaced only when the new one is complete: until
+    then readers use the old one, and a failed or killed build leaves it as it was. A folder
+    whose ``manifest.json`` is not an index's (a product store's, say) is refused before anything
+    is written, even with ``overwrite``. The index's lock is held for the whole build.
     """
-    store = store if isinstance(store, ProductStore) else ProductStore(store)
     out = Path(out_dir)
+    check_index_target(out)
+    store = store if isinstance(store, ProductStore) else ProductStore(store)
     if (out / MANIFEST_FILE).exists() and not overwrite:
         raise ConfigError(f"{out}: an index already exists here (pass --overwrite to replace it)")
-    out.mkdir(parents=True, exist_ok=True)
     ids_in_store = store.product_ids()
     n = len(ids_in_store)
     if n == 0:
         raise DataError(f"{store.root}: the store has no products to index")
-    spool = out / "vectors.spool.npy"
+    out.mkdir(parents=True, exist_ok=True)
+    with index_lock(out):
+        if (out / MANIFEST_FILE).exists() and not overwrite:  # another build finished while we waited
+            raise ConfigError(f"{out}: an index already exists here (pass --overwrite to replace it)")
+        spool_dir = new_staging(out)
+        try:
+            return _build_spooled(
+                embedder, store, out, spool_dir / "vectors.spool.npy", n, model=model, kind=kind, params=params,
+                batch_size=batch_size, exact_limit=exact_limit, hnsw_limit=hnsw_limit, recall_queries=recall_queries,
+                seed=seed, show_progress=show_progress,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def _build_spooled(
+    embedder: Embedder,
+    store: ProductStore,
+    out: Path,
+    spool: Path,
+    n: int,
+    *,
+    model: str | None,
+    kind: str,
+    params: dict[str, Any] | None,
+    batch_size: int,
+    exact_limit: int,
+    hnsw_limit: int,
+    recall_queries: int,
+    seed: int,
+    show_progress: bool,
+) -> VectorIndex:
     vectors = np.lib.format.open_memmap(spool, mode="w+", dtype=np.float32, shape=(n, int(embedder.dim)))
     try:
         ids: list[str] = []
@@ -343,8 +424,6 @@ def build_index(
         )
     finally:
         del vectors
-        if spool.exists():
-            spool.unlink()
 
 
 def _store_queries(embedder: Embedder, store: ProductStore, limit: int, seed: int) -> np.ndarray | None:

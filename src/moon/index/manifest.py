@@ -1,23 +1,31 @@
 """The index manifest: ``INDEX_DIR/manifest.json`` (what was indexed, with which model, how well).
 
-Layout of an index directory (documented in ``docs/serving.md``)::
+Layout of an index directory (version 3; ``N`` is the generation, see :mod:`moon.index.atomic`)::
 
     INDEX_DIR/
-      manifest.json    format + version, model reference + fingerprint, dim, count, kind, params,
-                       measured recall@10 of the approximate index vs exact search on held-out
-                       queries (and which ones), store reference
-      vectors.faiss    the FAISS index (``faiss.write_index``; labels are int64)
-      ids.parquet      label (int64) → product id (string)
-      rerank.f32       ``ivfpq`` only: the full float32 vectors by label, for the exact re-rank
+      manifest.json      format + version, model reference + fingerprint, dim, count, kind, params,
+                         measured recall@10 of the approximate index vs exact search on held-out
+                         queries (and which ones), store reference, and ``generation`` + ``files``:
+                         the name, size and sha256 of each data file below
+      vectors.N.faiss    the FAISS index (``faiss.write_index``; labels are int64)
+      ids.N.parquet      label (int64) → product id (string)
+      rerank.N.f32       ``ivfpq`` only: the full float32 vectors by label, for the exact re-rank, in
+                         one or more segments (each a run of labels; ``add`` appends a segment)
+      .moon-index.lock   the writers' lock (``fcntl.flock``)
 
-Nothing is pickled: JSON, parquet, raw float32 and FAISS's own binary format only. Version 2 added
-``model_relative`` / ``store_relative`` (paths relative to the index directory) and ``recall_source``.
+A data file never changes once written; a save writes generation ``N+1`` beside it and then
+replaces ``manifest.json``. Nothing is pickled: JSON, parquet, raw float32 and FAISS's own binary
+format only. Version 2 added ``model_relative`` / ``store_relative`` (paths relative to the index
+directory) and ``recall_source``; version 3 ``generation`` and ``files``. Older manifests (no
+``files``) still open: their data files have the fixed names ``vectors.faiss``, ``ids.parquet``
+and ``rerank.f32`` (:data:`LEGACY_FILES`), unchecked, and their next save writes version 3.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,11 +34,19 @@ from typing import Any
 from moon.errors import DataError
 
 FORMAT_NAME = "moon-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
+#: data file names of manifests before version 3 (no ``files`` field)
 FAISS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
 RERANK_FILE = "rerank.f32"
+#: what older writers left behind (temporary files, the build's spool); deleted by the next save
+LEGACY_FILES = (FAISS_FILE, IDS_FILE, RERANK_FILE, FAISS_FILE + ".tmp", IDS_FILE + ".tmp", MANIFEST_FILE + ".tmp",
+                "vectors.spool.npy")  # fmt: skip
+#: data files of version 3: ``vectors.N.faiss``, ``ids.N.parquet``, ``rerank.N.f32``
+GENERATION_FILE = re.compile(r"^(vectors|ids|rerank)\.([0-9]{1,15})\.(faiss|parquet|f32)$")
+FILE_SUFFIX = {"vectors": "faiss", "ids": "parquet", "rerank": "f32"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 RECALL_SOURCES = ("exact", "queries", "held-out vectors", "given queries")
 KINDS = ("exact", "hnsw", "ivfpq")
 
@@ -57,6 +73,10 @@ class IndexManifest:
     ``model`` / ``store`` are absolute paths when they name directories, ``model_relative`` /
     ``store_relative`` the same paths relative to the index directory (see
     :mod:`moon.index.references`).
+
+    ``generation`` counts the saves; ``files`` names the data files of this generation:
+    ``{"vectors": REC, "ids": REC, "rerank": [REC + {"start", "rows"}, …]}`` with
+    ``REC = {"name", "bytes", "sha256"}`` (empty in manifests before version 3).
     """
 
     model: str
@@ -76,6 +96,8 @@ class IndexManifest:
     metric: str = "inner_product"
     created: str = field(default_factory=utc_now)
     updated: str = field(default_factory=utc_now)
+    generation: int = 0
+    files: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -140,16 +162,71 @@ class IndexManifest:
             f"one of {RECALL_SOURCES}",
         )
         need(self.metric == "inner_product", "metric", '"inner_product"')
+        need(is_int(self.generation) and self.generation >= 0, "generation", "an integer >= 0")
+        self._validate_files(source)
+
+    def _validate_files(self, source: str) -> None:
+        """``files``: plain names of this generation's pattern, sizes, sha256s, and re-rank segments
+        that cover labels ``0 … next_label-1`` in order (see the class docstring)."""
+
+        def bad(what: str) -> IndexFormatError:
+            return IndexFormatError(f"{source}: files{what}")
+
+        files = self.files
+        if not isinstance(files, dict):
+            raise IndexFormatError(f"{source}: files must be an object, got {files!r}"[:300])
+        if not files:
+            if self.version >= 3:
+                raise bad(" is missing (a version 3 manifest names its data files)")
+            return
+        if set(files) != {"vectors", "ids", "rerank"}:
+            raise bad(f" must have the keys ids, rerank, vectors, got {sorted(files)}")
+
+        def record(key: str, rec: Any, extra: tuple[str, ...] = ()) -> None:
+            if not isinstance(rec, dict) or set(rec) != {"name", "bytes", "sha256", *extra}:
+                raise bad(f".{key} must be an object with {', '.join(sorted({'name', 'bytes', 'sha256', *extra}))}")
+            name = rec["name"]
+            m = GENERATION_FILE.match(name) if isinstance(name, str) else None
+            if m is None or m.group(1) != key.split("[")[0] or m.group(3) != FILE_SUFFIX[m.group(1)]:
+                raise bad(f".{key}.name must be a file name like {key.split('[')[0]}.N.{FILE_SUFFIX[key.split('[')[0]]}, "
+                          f"got {name!r}"[:300])  # fmt: skip
+            for k in ("bytes", *extra):
+                if not isinstance(rec[k], int) or isinstance(rec[k], bool) or rec[k] < 0:
+                    raise bad(f".{key}.{k} must be an integer >= 0, got {rec[k]!r}"[:300])
+            if not isinstance(rec["sha256"], str) or not _SHA256.match(rec["sha256"]):
+                raise bad(f".{key}.sha256 must be 64 hex digits, got {rec['sha256']!r}"[:300])
+
+        record("vectors", files["vectors"])
+        record("ids", files["ids"])
+        segments = files["rerank"]
+        if not isinstance(segments, list):
+            raise bad(".rerank must be a list")
+        end = 0
+        for i, seg in enumerate(segments):
+            key = f"rerank[{i}]"
+            record(key, seg, ("start", "rows"))
+            if seg["start"] != end or seg["rows"] < 1:
+                raise bad(f".{key} must start at label {end} with at least one row, got {seg['start']}, {seg['rows']}")
+            if seg["bytes"] != seg["rows"] * self.dim * 4:
+                raise bad(f".{key}.bytes must be rows·dim·4 = {seg['rows'] * self.dim * 4}, got {seg['bytes']}")
+            end += seg["rows"]
+        expected = self.next_label if self.kind == "ivfpq" and int(self.params.get("rerank", 0)) > 0 else 0
+        if end != expected:
+            raise bad(f".rerank covers {end} labels, expected {expected} (next_label of an ivfpq index with rerank)")
+        names = [files["vectors"]["name"], files["ids"]["name"], *(s["name"] for s in segments)]
+        if len(set(names)) != len(names):
+            raise bad(" names one file twice")
+
+    def data_files(self) -> list[str]:
+        """The data files this manifest uses (fixed names before version 3)."""
+        if not self.files:
+            return [FAISS_FILE, IDS_FILE, RERANK_FILE]
+        return [self.files["vectors"]["name"], self.files["ids"]["name"], *(s["name"] for s in self.files["rerank"])]
 
 
-def write_manifest(index_dir: str | os.PathLike, manifest: IndexManifest) -> None:
-    """Write ``manifest.json`` atomically (temp file + rename)."""
-    root = Path(index_dir)
-    tmp = root / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(
-        json.dumps(manifest.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, root / MANIFEST_FILE)
+def manifest_bytes(manifest: IndexManifest) -> bytes:
+    """The text of ``manifest.json``."""
+    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 MAX_MANIFEST_BYTES = 1 << 20
