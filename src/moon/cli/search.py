@@ -10,7 +10,13 @@ import click
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--text", default=None, help="Query text.")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Query photo (repeatable).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(),  # checked by load_image: a directory, FIFO or device is a one-line error, not a usage block
+    help="Query photo (repeatable; a regular image file of at most 64 MiB, or $MOON_MAX_IMAGE_BYTES).",
+)
 @click.option("-k", "k", default=10, show_default=True, help="Results to return (1-100).")
 @click.option("--model", default=None, help="Embedder spec (default: the index's; must match its fingerprint).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -29,6 +35,8 @@ def search(index_dir, text, images, k, model, as_json, trust_remote_code) -> Non
     from moon.index import VectorIndex, index_store_dir, load_index_embedder, make_query
     from moon.index import search as run_search
 
+    # load_image opens each path with moon.data.safe_open before anything else is loaded: a FIFO,
+    # /dev/zero, a socket or a directory is refused at once, a file over the byte limit unread
     query = make_query(text, [load_image(p) for p in images])
     idx = VectorIndex.open(index_dir)
     embedder = load_index_embedder(idx.manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)

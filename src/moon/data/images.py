@@ -2,8 +2,10 @@
 
 :func:`load_image` opens a path, bytes or a binary file object, checks it, applies the EXIF
 orientation, converts any mode to RGB (transparency is composited on white, 16-bit data scaled
-down) and refuses decompression bombs. Every failure is an :class:`ImageLoadError` that names the
-source and the reason, never a bare PIL exception.
+down) and refuses decompression bombs. A path is opened with :mod:`moon.data.safe_open`: a named
+pipe, device, socket or directory is refused without blocking, and a file over the byte limit
+(:func:`max_image_bytes`) is refused before it is read. Every failure is an
+:class:`ImageLoadError` that names the source and the reason, never a bare PIL exception.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from moon.errors import DataError
+from moon.data.safe_open import FileRefusedError, read_at_most, read_regular
+from moon.errors import ConfigError, DataError
 
 #: Default limit on width × height (about 8k × 8k); configurable per call.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Default limit on the size of an image file (8× the server's upload limit,
+#: ``ServeLimits.max_body_bytes``); configurable per call or with ``$MOON_MAX_IMAGE_BYTES``.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+MAX_BYTES_ENV = "MOON_MAX_IMAGE_BYTES"
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, Image.Image]
 
@@ -45,23 +51,54 @@ def _describe(src: ImageSource, name: str | None) -> str:
     return getattr(src, "name", None) or "<image stream>"
 
 
-def _read_bytes(src: ImageSource, label: str) -> bytes:
-    if isinstance(src, (bytes, bytearray)):
-        return bytes(src)
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.exists():
-            raise ImageLoadError(label, "file not found")
-        if path.is_dir():
-            raise ImageLoadError(label, "is a directory, not an image")
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ImageLoadError(label, f"cannot be read ({exc.strerror or exc})") from exc
+def max_image_bytes() -> int:
+    """The file-size limit of an image: ``$MOON_MAX_IMAGE_BYTES`` if set, else :data:`DEFAULT_MAX_BYTES`."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
     try:
-        return src.read()
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{MAX_BYTES_ENV} must be a whole number of bytes >= 1, got {raw!r}")
+    return value
+
+
+def _read_bytes(src: ImageSource, label: str, max_bytes: int | None = None) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        # already in memory (the server caps uploads itself): only an explicit max_bytes applies
+        if max_bytes is not None and len(src) > max_bytes:
+            raise ImageLoadError(label, f"too large ({len(src):,} bytes > limit {max_bytes:,} bytes)")
+        return bytes(src)
+    limit = max_image_bytes() if max_bytes is None else max_bytes
+    hint = f"; set {MAX_BYTES_ENV} to raise it" if max_bytes is None else ""
+    if isinstance(src, (str, os.PathLike)):
+        # never a plain open(): a FIFO would block, /dev/zero would never end (see safe_open)
+        try:
+            return read_regular(src, limit, what="an image", label=label, hint=hint)
+        except FileRefusedError as exc:
+            raise ImageLoadError(label, exc.reason) from exc
+    try:
+        data = read_at_most(src, limit + 1)
     except Exception as exc:  # noqa: BLE001 - any stream failure is reported the same way
         raise ImageLoadError(label, f"cannot be read ({exc})") from exc
+    if len(data) > limit:
+        raise ImageLoadError(label, f"too large (more than the limit of {limit:,} bytes{hint})")
+    return data
+
+
+def read_image_bytes(src: ImageSource, *, max_bytes: int | None = None, name: str | None = None) -> bytes:
+    """The raw bytes of an image source (a path, bytes or a binary stream), read the safe way.
+
+    A path must be a regular file (not a FIFO, device, socket or directory) of at most ``max_bytes``
+    bytes (default :func:`max_image_bytes`); at most ``max_bytes + 1`` bytes are ever read from a
+    path or a stream.
+    Decoding is not attempted: pass the bytes to :func:`load_image` with ``name=``.
+    """
+    if isinstance(src, Image.Image):
+        raise TypeError("read_image_bytes takes a path, bytes or a binary stream, not a PIL image")
+    return _read_bytes(src, _describe(src, name), max_bytes)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -91,6 +128,7 @@ def load_image(
     src: ImageSource,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = None,
     name: str | None = None,
 ) -> Image.Image:
     """Open, verify and normalise an image.
@@ -99,13 +137,18 @@ def load_image(
         src: a path, raw bytes, a binary file object, or an already-open ``PIL.Image``.
         max_pixels: refuse images whose width × height exceeds this (decompression bombs); PIL's
             own ``Image.MAX_IMAGE_PIXELS`` check still applies on top.
+        max_bytes: refuse a file or stream larger than this many bytes before decoding it (at
+            most ``max_bytes + 1`` bytes are read); default :func:`max_image_bytes` (64 MiB, or
+            ``$MOON_MAX_IMAGE_BYTES``). Raw ``bytes`` are checked only against an explicit limit.
+            A path must be a regular file: a FIFO, device, socket or directory is refused
+            without blocking.
         name: how to name the source in error messages (defaults to the path).
 
     Returns:
         A fully loaded RGB ``PIL.Image`` with EXIF orientation applied.
 
     Raises:
-        ImageLoadError: empty, missing, truncated, not an image, or too large.
+        ImageLoadError: empty, missing, not a regular file, truncated, not an image, or too large.
     """
     label = _describe(src, name)
     if isinstance(src, Image.Image):
@@ -113,7 +156,7 @@ def load_image(
         if w * h > max_pixels:
             raise ImageLoadError(label, f"too large ({w}×{h} = {w * h:,} pixels > limit {max_pixels:,})")
         return _to_rgb(ImageOps.exif_transpose(src))
-    data = _read_bytes(src, label)
+    data = _read_bytes(src, label, max_bytes)
     if not data:
         raise ImageLoadError(label, "empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -153,11 +196,12 @@ def load_image(
     return _to_rgb(img)
 
 
-def image_sha1(src: ImageSource) -> str:
-    """SHA-1 of the raw bytes of an image file (or of the RGB pixels of a ``PIL.Image``)."""
+def image_sha1(src: ImageSource, *, max_bytes: int | None = None) -> str:
+    """SHA-1 of the raw bytes of an image file (or of the RGB pixels of a ``PIL.Image``); the file is
+    read the way :func:`load_image` reads it (regular files only, at most ``max_bytes``)."""
     if isinstance(src, Image.Image):
         rgb = _to_rgb(src)
         h = hashlib.sha1(f"{rgb.size}".encode())
         h.update(rgb.tobytes())
         return h.hexdigest()
-    return hashlib.sha1(_read_bytes(src, _describe(src, None))).hexdigest()
+    return hashlib.sha1(_read_bytes(src, _describe(src, None), max_bytes)).hexdigest()

@@ -19,6 +19,7 @@ import codecs
 import csv
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import urllib.parse
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moon.data.images import ImageLoadError, load_image
+from moon.data.images import ImageLoadError, load_image, read_image_bytes
 from moon.data.records import SPLITS, Product, Purchase, Query
+from moon.data.safe_open import FileRefusedError, check_regular, open_regular
 from moon.data.store import ProductStore, StoreWriter
 from moon.errors import ConfigError, DataError
 
@@ -238,7 +240,7 @@ class _BoundedLines:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open("rb") as fh:
+    with open_regular(path, what="a data file") as fh:
         lines = _BoundedLines(fh, binary=True)
         i = 0
         while True:
@@ -271,7 +273,8 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
     try:
         # utf-8-sig: an Excel export starts with a byte-order mark, which must not become part of
         # the first column's name ("\ufeffid" would make every row "no id")
-        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        raw = open_regular(path, what="a data file")
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.reader(_BoundedLines(fh, binary=False), delimiter=delimiter)
             try:
                 header = next(reader)
@@ -322,12 +325,15 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     some row on ends with ``{"__error__": reason, "__stop__": True}``.
     """
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    try:  # a FIFO, device, socket or directory is refused here, before anything opens it
+        check_regular(path, what="a data file")
+    except FileRefusedError as exc:
+        raise DataError(f"{path}: no such file" if exc.reason == "file not found" else str(exc)) from exc
     if suffix in (".jsonl", ".ndjson"):
         yield from _jsonl_rows(path)
     elif suffix == ".json":
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # a leading BOM is dropped
+        with open_regular(path, what="a data file") as fh:
+            text = fh.read().decode("utf-8-sig", errors="surrogateescape")  # a leading BOM is dropped
         try:
             data = json.loads(text)
         except RecursionError as exc:
@@ -475,8 +481,9 @@ class ImageResolver:
                 c
                 for base in ([self.images_dir] if self.images_dir else []) + [self.base_dir]
                 for c in (base / path, base / path.name)
-                if c.is_file()
+                if c.exists()  # a FIFO or directory of that name is found, then refused by its kind
             ]
+            found.sort(key=lambda c: not c.is_file())  # but a regular file comes first
             # a file inside the allowed folders wins over "../x.jpg" resolving outside them
             inside = [c for c in found if not self._outside(c)]
             if inside or found:
@@ -499,7 +506,7 @@ class ImageResolver:
     def _resolve(self, ref: str) -> tuple[str | None, str]:
         try:
             path, reason = self._candidate(ref)
-            if path is None or not path.is_file():
+            if path is None or not path.exists():  # a FIFO, device or directory is refused below
                 return None, reason or "file not found"
             from_cache = path.resolve().parent == self.cache_dir.resolve()
             outside = not from_cache and not self.allow_outside and self._outside(path)
@@ -508,11 +515,12 @@ class ImageResolver:
         if outside:
             where = " or ".join(str(r) for r in self.roots)
             return None, f"lies outside {where}; not copied (pass --allow-outside-images to import it)"
-        try:
-            img = load_image(path)
+        try:  # read once, the safe way (regular files only, size-capped), then decode those bytes
+            data = read_image_bytes(path)
+            img = load_image(data, name=str(path))
         except ImageLoadError as exc:
             return None, exc.reason
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha1(data).hexdigest()[:16]
         fmt = path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") else ".png"
         rel = f"images/mbe/{digest}{fmt}"
         dest = self.root / rel
@@ -521,7 +529,7 @@ class ImageResolver:
             if fmt == ".png" and path.suffix.lower() not in (".png",):
                 img.save(dest, format="PNG")
             else:
-                dest.write_bytes(path.read_bytes())
+                dest.write_bytes(data)
         return rel, ""
 
 

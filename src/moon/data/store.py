@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moon.data.records import MAX_CATEGORY_LEVELS, SPLITS, Box, Product, Purchase, Query
+from moon.data.safe_open import FileRefusedError, check_regular, read_regular
 from moon.errors import DataError
 
 FORMAT_NAME = "moon-store"
@@ -191,11 +192,9 @@ def _table_files() -> tuple[str, ...]:
 def _manifest_format(path: Path) -> str | None:
     """The ``format`` a ``manifest.json`` names (``moon-store``, ``moon-index`` …), ``"?"`` when it
     cannot be read as a JSON object; never raises."""
-    try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            return "?"
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    try:  # a FIFO or device named manifest.json must not block (see safe_open)
+        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, FileRefusedError):
         return "?"
     fmt = data.get("format") if isinstance(data, dict) else None
     return fmt if isinstance(fmt, str) else "?"
@@ -440,10 +439,14 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise StoreError(f"{root}: no such directory")
     if not path.exists():
         raise StoreError(f"{root}: not a product store (no manifest.json; an interrupted write leaves none)")
+    try:  # never a plain open(): a FIFO named manifest.json would block, /dev/zero never end
+        raw = read_regular(path, MAX_MANIFEST_BYTES, what="a manifest")
+    except FileRefusedError as exc:
+        if exc.reason.startswith("too large"):
+            raise StoreError(f"{path}: {exc.reason}; a manifest is at most {MAX_MANIFEST_BYTES:,}") from exc
+        raise StoreError(str(exc)) from exc
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise StoreError(f"{path}: {path.stat().st_size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise StoreError(f"{path}: unreadable manifest ({exc})") from exc
     except RecursionError as exc:
@@ -492,7 +495,12 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
 def open_table_file(path: Path, schema: pa.Schema) -> pq.ParquetFile:
     """A parquet file of the store, checked to be readable and to have ``schema``'s columns.
 
-    Raises :class:`StoreError` for a zero-byte, truncated or foreign file."""
+    Raises :class:`StoreError` for a zero-byte, truncated or foreign file, or one that is not a
+    regular file (a FIFO would block arrow's open)."""
+    try:
+        check_regular(path, what="a parquet table")
+    except FileRefusedError as exc:
+        raise StoreError(str(exc)) from exc
     if path.stat().st_size == 0:
         raise StoreError(f"{path}: empty file (0 bytes; an interrupted write?)")
     try:

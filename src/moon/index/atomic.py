@@ -77,11 +77,11 @@ def manifest_format(path: Path) -> str | None:
     ``None`` when there is no such file; never raises."""
     if not (path.exists() or path.is_symlink()):
         return None
-    try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            return "?"
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    from moon.data.safe_open import FileRefusedError, read_regular
+
+    try:  # a FIFO or device named manifest.json must not block (moon.data.safe_open)
+        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, FileRefusedError):
         return "?"
     fmt = data.get("format") if isinstance(data, dict) else None
     return fmt if isinstance(fmt, str) else "?"

@@ -6,12 +6,17 @@ Layout (nothing is pickled: tensors in safetensors, everything else in JSON)::
         model.safetensors                   trainable parameters + buffers (frozen weights are rebuilt from the spec)
         trainer.json + trainer.safetensors  optimizer, scheduler, loss (temperature), memory queue, step, best metric
         rng-rank0.json (+ .safetensors)     Python / NumPy / torch (CPU, CUDA) RNG states of each rank
-        checkpoint.json                     written last: format, step and the size of every file above
+        checkpoint.json                     written last: format, step, the size and sha256 of every file above
 
 A checkpoint is first written to ``step-XXXXXXXX.tmp`` and renamed when complete, so a process
-killed mid-write leaves no directory that looks like a checkpoint; a checkpoint damaged later (a
-truncated file, a full disk) fails :func:`read_checkpoint` with a :class:`CheckpointError`, and the
-trainer falls back to the previous one.
+killed mid-write leaves no directory that looks like a checkpoint. Before anything in it is used,
+every file is checked against the size and sha256 that ``checkpoint.json`` records (checkpoints
+written before the sha256s were recorded are checked by size only); JSON files are read only up to
+a size and nesting depth; and with :func:`expected_states` every state is checked against the
+objects it will be loaded into (keys, types, tensor shapes, finite values). A checkpoint that fails
+any of this — a truncated or flipped byte, a crafted ``trainer.json``, a tensor of another shape —
+fails :func:`read_checkpoint` with a one-line :class:`CheckpointError` naming the file and the
+reason, and the trainer falls back to the previous one.
 
 Nested states (an optimizer's ``state_dict``) are stored as JSON with each tensor replaced by
 ``{"$tensor": "<key>"}`` (its key in the ``.safetensors`` file); tuples, dicts with non-string keys
@@ -22,12 +27,14 @@ unpickled: see :func:`legacy_checkpoints`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,13 @@ FORMAT = 1
 MANIFEST = "checkpoint.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 _MARKERS = ("$tensor", "$tuple", "$dict", "$float", "$ndarray")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: the most bytes read from ``checkpoint.json`` and from a state's JSON file (tensors are in
+#: safetensors, so a real one is a few kB to a few MB)
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_STATE_JSON_BYTES = 64 << 20
+#: the deepest JSON nesting read from a checkpoint (a real state nests about 6 levels)
+MAX_JSON_DEPTH = 128
 
 
 class CheckpointError(DataError):
@@ -80,9 +94,13 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+def _kept_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and buffers (what training changes)."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    keep = _kept_names(model)
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in keep}
 
 
@@ -164,11 +182,17 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         if dtype.kind not in "biuf":
             raise ValueError(f"dtype {dtype} is not numeric")
         return np.asarray(value, dtype=dtype)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: malformed {marker} entry ({exc!r})") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # (a number too large for its dtype)
+        raise CheckpointError(f"{where}: malformed {marker} entry ({_brief(exc)!r})"[:300]) from exc
 
 
 # --- files ---------------------------------------------------------------------------------------
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters (it goes into a one-line error)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _fsync(path: Path) -> None:
@@ -177,6 +201,16 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of a file, read in 1 MiB pieces."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -209,22 +243,71 @@ def _save_state(state: dict[str, Any], directory: Path, name: str) -> None:
     _save_json(encoded, directory / f"{name}.json")
 
 
+# a JSON string (skipped whole, so brackets inside it do not count) or a bracket
+_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether the brackets of the JSON text ``data`` nest deeper than ``limit`` (a scan in C-speed
+    regex steps, before ``json.loads`` — which would recurse once per level — ever sees it)."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(data):
+        c = data[m.start()]
+        if c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json_file(path: Path, max_bytes: int, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON document in ``path``, read only up to ``max_bytes`` and ``max_depth`` levels.
+
+    Raises :class:`CheckpointError` (one line, naming the file) for a file that is missing, too
+    large, nested too deeply, not UTF-8 or not JSON (``NaN`` / ``Infinity`` included)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({_brief(exc)})") from exc
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path}: larger than {max_bytes:,} bytes, the most MOON reads from this JSON file")
+    if json_depth_exceeds(data, max_depth):
+        raise CheckpointError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from exc
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5,000-digit integer
+        raise CheckpointError(f"{path}: not valid JSON ({_brief(exc)})") from exc
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({_brief(exc)})") from exc
 
 
-def _load_state(directory: Path, name: str) -> dict[str, Any]:
+def _load_state(directory: Path, name: str, listed: set[str] | None = None) -> dict[str, Any]:
+    """The state ``name`` (JSON + its tensors). Only files in ``listed`` (the manifest's) are read."""
     path = directory / f"{name}.json"
-    try:
-        encoded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+    encoded = read_json_file(path, MAX_STATE_JSON_BYTES)
     tensor_file = directory / f"{name}.safetensors"
-    tensors = _load_tensors(tensor_file) if tensor_file.exists() else {}
-    state = _decode(encoded, tensors, str(path))
+    has_tensors = f"{name}.safetensors" in listed if listed is not None else tensor_file.exists()
+    tensors = _load_tensors(tensor_file) if has_tensors else {}
+    try:
+        state = _decode(encoded, tensors, str(path))
+    except RecursionError as exc:  # not reached: the depth was checked when reading
+        raise CheckpointError(f"{path}: nested too deeply") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
     return state
@@ -246,12 +329,17 @@ def write_rng(tmp: Path, rank: int) -> None:
 def finish_checkpoint(
     run_dir: str | os.PathLike, step: int, tmp: Path, model: dict[str, Any], trainer: dict[str, Any], keep_last: int
 ) -> Path:
-    """Write the model and trainer files and ``checkpoint.json`` into ``tmp``, rename it into place,
+    """Write the model and trainer files and ``checkpoint.json`` (the size and sha256 of every other
+    file, hashed from disk after each was written and fsynced) into ``tmp``, rename it into place,
     prune old ones."""
     _save_tensors(model, tmp / "model.safetensors")
     _save_state(trainer, tmp, "trainer")
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
-    _save_json({"format": FORMAT, "step": step, "files": files}, tmp / MANIFEST)
+    files: dict[str, int] = {}
+    hashes: dict[str, str] = {}
+    for p in sorted(tmp.iterdir()):
+        if p.name != MANIFEST:
+            files[p.name], hashes[p.name] = _digest(p)
+    _save_json({"format": FORMAT, "step": step, "files": files, "sha256": hashes}, tmp / MANIFEST)
     final = checkpoint_dir(run_dir, step)
     if final.exists():
         shutil.rmtree(final)
@@ -261,43 +349,417 @@ def finish_checkpoint(
     return final
 
 
-def check_checkpoint(path: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint whose files are all present with the sizes written.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Raises :class:`CheckpointError` naming the first missing, truncated or unexpected file.
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files are all present with the sizes and sha256s written.
+
+    A manifest without ``sha256`` (written before MOON recorded them) is checked by size only.
+    Raises :class:`CheckpointError` naming the first missing, truncated, changed or unexpected file.
     """
     manifest_file = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{manifest_file}: unreadable ({exc})") from exc
+    manifest = read_json_file(manifest_file, MAX_MANIFEST_BYTES)
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT
         or not isinstance(manifest.get("files"), dict)
     ):
         raise CheckpointError(f"{manifest_file}: not a MOON checkpoint manifest of format {FORMAT}")
-    for name, size in manifest["files"].items():
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            raise CheckpointError(f"{manifest_file}: bad file name {name!r}")
+    step = manifest.get("step")
+    m = _NAME.match(path.name)
+    if not _is_int(step) or (m is not None and int(m.group(1)) != step):
+        raise CheckpointError(f"{manifest_file}: step is {step!r}, but the checkpoint is {path.name}"[:300])
+    files = manifest["files"]
+    for name, size in files.items():
+        if not name or Path(name).name != name or name.startswith(".") or name == MANIFEST or "\0" in name:
+            raise CheckpointError(f"{manifest_file}: bad file name {name!r}"[:300])
+        if not _is_int(size) or size < 0:
+            raise CheckpointError(f"{manifest_file}: files.{name} must be a size in bytes, got {size!r}"[:300])
+    for needed in ("model.safetensors", "trainer.json"):
+        if needed not in files:
+            raise CheckpointError(f"{manifest_file}: does not list {needed}")
+    hashes = manifest.get("sha256")
+    if hashes is not None:
+        if not isinstance(hashes, dict) or set(hashes) != set(files):
+            raise CheckpointError(f"{manifest_file}: sha256 must give a digest for each file that files lists")
+        for name, digest in hashes.items():
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                raise CheckpointError(f"{manifest_file}: sha256.{name} must be 64 hex digits, got {digest!r}"[:300])
+    for name, size in files.items():  # sizes first: cheap, and they find a truncated file
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
+            raise CheckpointError(f"{f}: missing (or not a regular file)")
         if f.stat().st_size != size:
             raise CheckpointError(f"{f}: truncated or changed ({f.stat().st_size:,} bytes, {size:,} written)")
+    for name, want in (hashes or {}).items():
+        f = path / name
+        try:
+            _, got = _digest(f)
+        except OSError as exc:
+            raise CheckpointError(f"{f}: unreadable ({_brief(exc)})") from exc
+        if got != want:
+            raise CheckpointError(
+                f"{f}: changed since it was written (sha256 {got[:12]}…, checkpoint.json records {want[:12]}…): "
+                "a flipped bit, a bad disk or an edited file"
+            )
     return manifest
 
 
-def read_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+def _check_rng(state: dict[str, Any], where: Path) -> None:
+    """Try each RNG state on a scratch generator: one that would not load is damage, found now."""
+    for key in ("python", "numpy", "torch"):
+        if key not in state:
+            raise CheckpointError(f"{where}: no {key!r} state")
+    try:
+        random.Random().setstate(state["python"])
+    except (TypeError, ValueError, OverflowError, IndexError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: python: not a random.Random state ({_brief(exc)})") from exc
+    try:
+        np.random.RandomState().set_state(state["numpy"])
+    except (TypeError, ValueError, OverflowError, IndexError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: numpy: not a NumPy random state ({_brief(exc)})") from exc
+    try:
+        torch.Generator().set_state(state["torch"])
+    except (TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: torch: not a torch random state ({_brief(exc)})") from exc
+    cuda = state.get("cuda")
+    if cuda is not None and not (
+        isinstance(cuda, list)
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1 for t in cuda)
+    ):
+        raise CheckpointError(f"{where}: cuda: not a list of CUDA random states")
+
+
+def read_checkpoint(
+    path: Path, rank: int, expect: Expected | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """``(model state, trainer state, this rank's RNG state or None)``.
 
-    Raises :class:`CheckpointError` when a file is missing, truncated or unreadable.
+    Every file is checked (size, sha256) before it is read, and only files ``checkpoint.json``
+    lists are read. With ``expect`` (:func:`expected_states`) the states are also checked against
+    the objects they will be loaded into. Raises :class:`CheckpointError` (one line, naming the
+    file and the reason) when anything is missing, truncated, changed, unreadable or does not fit.
     """
     manifest = check_checkpoint(path)
+    listed = set(manifest["files"])
     model = _load_tensors(path / "model.safetensors")
-    trainer = _load_state(path, "trainer")
-    rng = _load_state(path, f"rng-rank{rank}") if f"rng-rank{rank}.json" in manifest["files"] else None
+    trainer = _load_state(path, "trainer", listed)
+    rng = None
+    if f"rng-rank{rank}.json" in listed:
+        rng = _load_state(path, f"rng-rank{rank}", listed)
+        _check_rng(rng, path / f"rng-rank{rank}.json")
+    if expect is not None:
+        expect.check(model, trainer, path, manifest["step"])
     return model, trainer, rng
+
+
+# --- what a checkpoint must hold to be resumed into these objects --------------------------------
+
+#: the per-parameter state Adam/AdamW keep (``max_exp_avg_sq`` too with ``amsgrad``)
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+#: the ranges of settings in param groups and the scheduler (learning rates, decay, epsilon, betas):
+#: never negative, and within float32 (the optimizer multiplies float32 tensors by them)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_RANGES = {
+    "lr": (0.0, _FLOAT32_MAX),
+    "initial_lr": (0.0, _FLOAT32_MAX),
+    "weight_decay": (0.0, _FLOAT32_MAX),
+    "eps": (0.0, _FLOAT32_MAX),
+    "base_lrs": (0.0, _FLOAT32_MAX),
+    "_last_lr": (0.0, _FLOAT32_MAX),
+    "betas": (0.0, 1.0),  # [0, 1)
+}
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')} tensor"
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:59] + '…'}"
+
+
+def _template(v: Any) -> Any:
+    """A copy of a template value that holds no tensor data (only shape and kind)."""
+    if isinstance(v, torch.Tensor):
+        return _TensorSpec(tuple(v.shape), v.is_floating_point())
+    if isinstance(v, dict):
+        return {k: _template(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_template(x) for x in v)
+    return v
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    floating: bool
+
+
+class _Mismatch(Exception):
+    """Raised inside the checks; becomes a CheckpointError naming the file."""
+
+
+def _like(v: Any, want: Any, at: str) -> None:
+    """``v`` has the structure and types of the template value ``want`` (numbers finite; lists of
+    the same length; mappings with the same keys; tensors of the same shape and kind)."""
+    if isinstance(want, _TensorSpec):
+        if not isinstance(v, torch.Tensor):
+            raise _Mismatch(f"{at} must be a tensor, got {_describe(v)}")
+        if tuple(v.shape) != want.shape or v.is_floating_point() != want.floating:
+            raise _Mismatch(f"{at} is {_describe(v)}, expected shape {want.shape}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise _Mismatch(f"{at} holds values that are not finite")
+    elif want is None or isinstance(want, (bool, str)):
+        if type(v) is not type(want):
+            raise _Mismatch(f"{at} must be {type(want).__name__}, got {_describe(v)}")
+    elif _is_int(want):
+        if not _is_int(v):
+            raise _Mismatch(f"{at} must be an integer, got {_describe(v)}")
+    elif isinstance(want, float):
+        if not _is_number(v):
+            raise _Mismatch(f"{at} must be a finite number, got {_describe(v)}")
+    elif isinstance(want, (list, tuple)):
+        if not isinstance(v, (list, tuple)) or len(v) != len(want):
+            raise _Mismatch(f"{at} must be a list of {len(want)}, got {_describe(v)}")
+        for i, (x, w) in enumerate(zip(v, want, strict=True)):
+            _like(x, w, f"{at}[{i}]")
+    elif isinstance(want, dict):
+        if not isinstance(v, dict):
+            raise _Mismatch(f"{at} must be a mapping, got {_describe(v)}")
+        if set(v) != set(want):
+            raise _Mismatch(f"{at} must have the keys {sorted(want)}, got {sorted(map(str, v))}"[:300])
+        for k, w in want.items():
+            _like(v[k], w, f"{at}.{k}")
+    elif type(v) is not type(want):
+        raise _Mismatch(f"{at} must be {type(want).__name__}, got {_describe(v)}")
+    name = at.rsplit(".", 1)[-1].split("[", 1)[0]
+    if name in _RANGES:
+        low, high = _RANGES[name]
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if any(_is_number(x) and not (low <= x <= high and (name != "betas" or x < high)) for x in values):
+            raise _Mismatch(f"{at} is out of range, got {_describe(v)}")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a trainer checkpoint must hold to be loaded into a given model, optimizer, scheduler,
+    loss and memory queue (made by :func:`expected_states`; passed to :func:`read_checkpoint`)."""
+
+    model: dict[str, _TensorSpec]
+    trainable: frozenset[str]
+    param_groups: tuple[dict[str, Any], ...]  # template groups, "params" replaced by their count
+    param_shapes: tuple[tuple[int, ...], ...]  # in the optimizer's order
+    adam: bool
+    scheduler: dict[str, Any]
+    scheduler_attrs: frozenset[str]  # the scheduler's attributes that are not state
+    loss: dict[str, Any]
+    queue: tuple[int, int]  # size, dim
+    products: int | None  # the catalog's size (queue entries index it), None: not checked
+
+    def check(self, model: dict[str, Any], trainer: dict[str, Any], path: Path, step: int) -> None:
+        try:
+            self._model(model)
+        except _Mismatch as exc:
+            raise CheckpointError(f"{path / 'model.safetensors'}: {exc}") from None
+        try:
+            self._trainer(trainer, step)
+        except _Mismatch as exc:
+            raise CheckpointError(f"{path / 'trainer.json'}: {exc}") from None
+
+    def _model(self, state: dict[str, Any]) -> None:
+        unexpected = [k for k in state if k not in self.model]
+        if unexpected:
+            raise _Mismatch(f"has weights the model lacks (different model config?): {unexpected[:3]}")
+        missing = [k for k in self.model if k not in state]
+        if missing:
+            raise _Mismatch(f"lacks weights the model trains: {missing[:3]}")
+        for k, spec in self.model.items():
+            t = state[k]
+            if tuple(t.shape) != spec.shape or t.is_floating_point() != spec.floating:
+                raise _Mismatch(f"{k} is {_describe(t)}, the model's is {spec.shape}")
+            if k in self.trainable and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _Mismatch(f"{k} holds values that are not finite")
+
+    def _trainer(self, t: dict[str, Any], step: int) -> None:
+        for key in ("optimizer", "scheduler", "loss", "queue"):
+            if key not in t:
+                raise _Mismatch(f"no {key!r} entry")
+        if "step" in t and (not _is_int(t["step"]) or t["step"] != step):
+            raise _Mismatch(f"step is {_describe(t['step'])}, but the checkpoint is of step {step}")
+        if t.get("strategy", "ddp") not in ("ddp", "fsdp"):
+            raise _Mismatch(f"strategy must be 'ddp' or 'fsdp', got {_describe(t['strategy'])}")
+        if "best" in t:
+            best = t["best"]
+            if not ((isinstance(best, float) and best == -math.inf) or (_is_number(best) and 0 <= best <= 1)):
+                raise _Mismatch(f"best must be a score in [0, 1] (or -inf), got {_describe(best)}")
+        for key in ("config", "data_position"):
+            if key in t and not isinstance(t[key], dict):
+                raise _Mismatch(f"{key} must be a mapping, got {_describe(t[key])}")
+        self._optimizer(t["optimizer"])
+        self._scheduler(t["scheduler"], step)
+        _like(t["loss"], self.loss, "loss")
+        self._queue(t["queue"])
+
+    def _optimizer(self, o: Any) -> None:
+        if (
+            not isinstance(o, dict)
+            or not isinstance(o.get("state"), dict)
+            or not isinstance(o.get("param_groups"), list)
+        ):
+            raise _Mismatch(
+                f"optimizer must be a mapping with a state mapping and a param_groups list, got {_describe(o)}"
+            )
+        groups = o["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise _Mismatch(f"optimizer has {len(groups)} parameter groups, this run's has {len(self.param_groups)}")
+        position: dict[Any, int] = {}
+        amsgrad: dict[Any, bool] = {}
+        for gi, (g, want) in enumerate(zip(groups, self.param_groups, strict=True)):
+            at = f"optimizer.param_groups[{gi}]"
+            if not isinstance(g, dict):
+                raise _Mismatch(f"{at} must be a mapping, got {_describe(g)}")
+            params = g.get("params")
+            if not isinstance(params, list) or len(params) != want["params"]:
+                raise _Mismatch(f"{at}.params must list {want['params']} parameters, got {_describe(params)}")
+            for pid in params:
+                if not (_is_int(pid) or isinstance(pid, str)) or pid in position:
+                    raise _Mismatch(f"{at}.params: a bad or repeated parameter id {pid!r}"[:300])
+                position[pid] = len(position)
+                amsgrad[pid] = g.get("amsgrad") is True
+            for key, w in want.items():
+                if key == "params":
+                    continue
+                if key not in g:
+                    if w is None or isinstance(w, bool):  # a flag torch fills in with its default
+                        continue
+                    raise _Mismatch(f"{at} has no {key!r}")
+                if (w is None or isinstance(w, bool)) and g[key] is not w:
+                    raise _Mismatch(f"{at}.{key} is {g[key]!r}, this run's optimizer has {w!r}"[:300])
+                _like(g[key], w, f"{at}.{key}")
+            for key in g.keys() - want.keys():
+                if not (g[key] is None or isinstance(g[key], (bool, str)) or _is_number(g[key])):
+                    raise _Mismatch(f"{at}.{key}: an unknown setting holding {_describe(g[key])}"[:300])
+        for pid, entry in o["state"].items():
+            at = f"optimizer.state[{pid!r}]"[:80]
+            if pid not in position:
+                raise _Mismatch(f"{at}: no parameter group lists this parameter")
+            if not isinstance(entry, dict):
+                raise _Mismatch(f"{at} must be a mapping, got {_describe(entry)}")
+            shape = self.param_shapes[position[pid]]
+            if self.adam and entry:
+                needed = _ADAM_STATE + (("max_exp_avg_sq",) if amsgrad[pid] else ())
+                missing = [k for k in needed if k not in entry]
+                if missing:
+                    raise _Mismatch(f"{at} has no {missing[0]!r}")
+            for key, v in entry.items():
+                where = f"{at}.{key}"
+                if isinstance(v, torch.Tensor):
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        raise _Mismatch(f"{where} holds values that are not finite")
+                    if not self.adam:
+                        continue
+                    if key == "step":
+                        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex() or float(v) < 0:
+                            raise _Mismatch(f"{where} must be one step count >= 0, got {_describe(v)}")
+                    elif tuple(v.shape) != shape or not v.is_floating_point():
+                        raise _Mismatch(f"{where} is {_describe(v)}, its parameter's shape is {shape}")
+                elif self.adam:
+                    raise _Mismatch(f"{where} must be a tensor, got {_describe(v)}")
+                elif not _is_number(v):
+                    raise _Mismatch(f"{where} must be a tensor or a number, got {_describe(v)}")
+
+    def _scheduler(self, s: Any, step: int) -> None:
+        if not isinstance(s, dict):
+            raise _Mismatch(f"scheduler must be a mapping, got {_describe(s)}")
+        for key, w in self.scheduler.items():
+            if key not in s:
+                if w is None or isinstance(w, bool):
+                    continue
+                raise _Mismatch(f"scheduler has no {key!r}")
+            _like(s[key], w, f"scheduler.{key}")
+        for key in s.keys() - self.scheduler.keys():  # load_state_dict sets each as an attribute
+            if (
+                not isinstance(key, str)
+                or key in self.scheduler_attrs
+                or not (s[key] is None or isinstance(s[key], bool))
+            ):
+                raise _Mismatch(f"scheduler.{key}: not a scheduler setting"[:300])
+        if "last_epoch" in self.scheduler and s["last_epoch"] != step:
+            raise _Mismatch(f"scheduler.last_epoch is {s['last_epoch']!r}, but the checkpoint is of step {step}")
+
+    def _queue(self, q: Any) -> None:
+        size, dim = self.queue
+        if not isinstance(q, dict):
+            raise _Mismatch(f"queue must be a mapping, got {_describe(q)}")
+        for key in ("size", "dim", "vectors", "products", "steps", "ptr"):
+            if key not in q:
+                raise _Mismatch(f"queue has no {key!r}")
+        if not _is_int(q["size"]) or not _is_int(q["dim"]) or q["size"] != size or q["dim"] != dim:
+            raise _Mismatch(f"queue is {q['size']!r}×{q['dim']!r}, this run's is {size}×{dim}"[:300])
+        if "max_age" in q and not _is_int(q["max_age"]):
+            raise _Mismatch(f"queue.max_age must be an integer, got {_describe(q['max_age'])}")
+        _like(q["vectors"], _TensorSpec((size, dim), True), "queue.vectors")
+        for key in ("products", "steps"):
+            v = q[key]
+            if (
+                not isinstance(v, torch.Tensor)
+                or tuple(v.shape) != (size,)
+                or v.is_floating_point()
+                or v.is_complex()
+                or v.dtype == torch.bool
+            ):
+                raise _Mismatch(f"queue.{key} must be a ({size},) integer tensor, got {_describe(v)}")
+        if size and int(q["products"].min()) < -1:
+            raise _Mismatch("queue.products holds a product index below -1")
+        if size and self.products is not None and int(q["products"].max()) >= self.products:
+            raise _Mismatch(
+                f"queue.products holds product {int(q['products'].max())}, but the catalog has {self.products} products"
+            )
+        if not _is_int(q["ptr"]) or not 0 <= q["ptr"] < max(size, 1):
+            raise _Mismatch(f"queue.ptr must be in [0, {max(size, 1)}), got {_describe(q['ptr'])}")
+
+
+def expected_states(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: torch.nn.Module,
+    queue: Any,
+    *,
+    products: int | None = None,
+) -> Expected:
+    """What a checkpoint must hold to be loaded into these objects: the model's trainable weights
+    and buffers (names, shapes, kinds), the optimizer's parameter groups and parameter shapes, the
+    scheduler's, the loss's and the memory queue's states (its product indices below ``products``,
+    the catalog's size, when given). Takes no collective (FSDP-safe)."""
+    keep = _kept_names(model)
+    model_spec = {
+        k: _TensorSpec(tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items() if k in keep
+    }
+    groups = []
+    for g in optimizer.state_dict()["param_groups"]:
+        groups.append({**{k: _template(v) for k, v in g.items() if k != "params"}, "params": len(g["params"])})
+    shapes = tuple(tuple(p.shape) for g in optimizer.param_groups for p in g["params"])
+    sched = scheduler.state_dict()
+    return Expected(
+        model=model_spec,
+        trainable=frozenset(n for n, p in model.named_parameters() if p.requires_grad),
+        param_groups=tuple(groups),
+        param_shapes=shapes,
+        adam=isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)),
+        scheduler=_template(sched),
+        scheduler_attrs=frozenset(k for k in vars(scheduler) if k not in sched),
+        loss=_template(loss.state_dict()),
+        queue=(int(queue.size), int(queue.dim)),
+        products=products,
+    )
 
 
 def save_pretrained_atomic(model: Any, directory: str | os.PathLike) -> Path:

@@ -218,7 +218,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     start = 0
     _seed_everything(seed * 1000 + 1 + ctx.rank)  # per-rank stream for dropout
     if resume and latest is not None:
-        start, path, (model_sd, trainer_sd, rng) = _newest_readable_checkpoint(run_dir, ctx)
+        expect = ckpt.expected_states(model, optimizer, scheduler, loss_mod, queue, products=len(data.catalog.products))
+        start, path, (model_sd, trainer_sd, rng) = _newest_readable_checkpoint(run_dir, ctx, expect)
         written, now = trainer_sd.get("strategy", "ddp"), "fsdp" if fsdp else "ddp"
         if written != now:
             raise ConfigError(
@@ -342,7 +343,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
 
 
 def _newest_readable_checkpoint(
-    run_dir: Path, ctx: DistContext
+    run_dir: Path, ctx: DistContext, expect: ckpt.Expected | None = None
 ) -> tuple[int, Path, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]]:
     """The newest checkpoint that reads back completely, with its states; a damaged newer one (a
     truncated file) is skipped with a warning. Every rank resumes from rank 0's choice."""
@@ -351,7 +352,7 @@ def _newest_readable_checkpoint(
     found = dict(ckpt.list_checkpoints(run_dir))
     for step in sorted(found, reverse=True):
         try:
-            chosen = (step, found[step], ckpt.read_checkpoint(found[step], ctx.rank))
+            chosen = (step, found[step], ckpt.read_checkpoint(found[step], ctx.rank, expect))
             break
         except ckpt.CheckpointError as exc:
             problems.append(str(exc))
@@ -359,7 +360,7 @@ def _newest_readable_checkpoint(
     agreed = broadcast_object(chosen[0] if chosen is not None else None, ctx)
     if agreed is not None and (chosen is None or chosen[0] != agreed):  # this rank saw another file damaged
         try:
-            chosen = (agreed, found[agreed], ckpt.read_checkpoint(found[agreed], ctx.rank))
+            chosen = (agreed, found[agreed], ckpt.read_checkpoint(found[agreed], ctx.rank, expect))
         except ckpt.CheckpointError as exc:
             problems.append(str(exc))
             chosen = None
