@@ -28,7 +28,6 @@ from typing import Any
 from moon.demo.ablate import summary_scores
 from moon.demo.pipeline import DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
 from moon.demo.stages import StageRunner
-
 from moon.precision import native_bf16
 
 # the trainer's "auto" means bf16 on CUDA only; on a CPU with native bf16 ask for it
@@ -62,6 +61,17 @@ VARIANTS: dict[str, ModelRun] = {
                            **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
     "smol-fp32": _smol("smol-fp32", {"precision": "fp32"},
                        **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}, "run.precision": "fp32"}),
+    # the recipe's stability (a run that learns, then drifts back towards chance): which shared
+    # knob drives the drift — the memory queue, its entries' age, the learning rate
+    "smol-queue256": _smol("smol-queue256", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
+                                                "negatives.queue_size": 256, "negatives.queue_max_age": 8}),
+    "smol-noqueue": _smol("smol-noqueue", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
+                                              "negatives.queue_size": 0}),
+    "smol-age2": _smol("smol-age2", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
+                                        "negatives.queue_max_age": 2}),
+    "smol-lr3e-5-p10": _smol("smol-lr3e-5-p10", **{"optim.lr": 3e-5, "optim.lr_scale": {"projector": 10.0}}),
+    "smol-tau-learn": _smol("smol-tau-learn", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
+                                                  "loss.learn_temperature": True}),
     # the equal-start baseline (same image encoder + LM) and the floor
     "two-tower": ModelRun("two-tower", "two-tower", crops=False,
                           train_overrides={**BF16, "optim.lr": 1e-4, "optim.lr_scale": {"head": 10.0}}),
@@ -69,10 +79,11 @@ VARIANTS: dict[str, ModelRun] = {
 }
 
 
-def _step_seconds(run_dir: Path, batch: int) -> dict[str, Any]:
+def _step_seconds(run_dir: Path, batch: int, warmup: int | None = None) -> dict[str, Any]:
     from moon.train.metrics_log import read_metrics
 
-    recs = [r for r in read_metrics(run_dir) if "loss" in r]
+    records = read_metrics(run_dir)
+    recs = [r for r in records if "loss" in r]
     times = [batch / r["samples_per_s"] for r in recs if r.get("samples_per_s")]
     cos = [r["product_cosine"] for r in recs if isinstance(r.get("product_cosine"), (int, float))]
     out: dict[str, Any] = {
@@ -83,8 +94,17 @@ def _step_seconds(run_dir: Path, batch: int) -> dict[str, Any]:
         "product_cosine_first": cos[0] if cos else None,
         "product_cosine_last": cos[-1] if cos else None,
         "product_cosine_max": max(cos) if cos else None,
-        "val_recall@10": [r["val_recall@10"] for r in read_metrics(run_dir) if r.get("val_recall@10") is not None],
+        "val_recall@10": [r["val_recall@10"] for r in records if r.get("val_recall@10") is not None],
+        # stability: the validation curve with its steps, the best step, the cosine after warm-up
+        "val_curve": [[r["step"], r["val_recall@10"]] for r in records if r.get("val_recall@10") is not None],
+        "grad_norm_max": max((r["grad_norm"] for r in recs if r.get("grad_norm") is not None), default=None),
     }
+    if out["val_curve"]:
+        out["best_step"] = max(out["val_curve"], key=lambda sr: sr[1])[0]
+    if warmup is not None:
+        after = [r["product_cosine"] for r in recs
+                 if r["step"] > warmup and isinstance(r.get("product_cosine"), (int, float))]
+        out["product_cosine_max_after_warmup"] = max(after) if after else None
     return out
 
 
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"))
+    ap.add_argument("--val-every", type=int, default=None,
+                    help="validate every N steps (default: the demo's, a third of the run)")
     args = ap.parse_args(argv)
     if args.list:
         for name, run in VARIANTS.items():
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for name in names:
         run = VARIANTS[name]
+        if args.val_every and run.train:
+            run = replace(run, train_overrides={**run.train_overrides, "run.val_every": args.val_every})
         slug = _slug(name)
         rec: dict[str, Any] = {"spec": run.spec, "overrides": run.overrides, "train_overrides": run.train_overrides}
         trained = None
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 after=[world, detector] if run.crops else [world],
             )
             rec["train_wall_s"] = round(time.perf_counter() - t0, 1)
-            rec.update(_step_seconds(Path(trained.outputs["run"]), cfg.batch_size))
+            rec.update(_step_seconds(Path(trained.outputs["run"]), cfg.batch_size, max(1, cfg.steps // 10)))
             rec["scored_checkpoint"] = trained.outputs.get("checkpoint", {}).get("name")
         t0 = time.perf_counter()
         evaluated = runner.run(
@@ -169,18 +193,27 @@ def _write(args: argparse.Namespace, cfg: DemoConfig, results: dict[str, Any]) -
         "budget": {"steps": cfg.steps, "batch": cfg.batch_size, "hard": cfg.hard_negatives, "queue": cfg.queue_size},
     }
     prev = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    if not results and "machine" in prev:  # re-writing the tables only: keep the machine the runs had
+        meta["machine"] = prev["machine"]
     merged = {**prev.get("variants", {}), **results}
     out.write_text(json.dumps({**meta, "variants": merged}, indent=2), encoding="utf-8")
     keys = sorted({k for r in merged.values() for k in r.get("test", {})})
-    lines = ["| variant | s/step | " + " | ".join(keys) + " | cos first→last | loss last (chance) |",
-             "|---" * (len(keys) + 4) + "|"]
+    lines = [f"World: {cfg.products} products, seed {cfg.seed}. Budget: {cfg.steps} steps × batch {cfg.batch_size}, "
+             f"hard {cfg.hard_negatives}, demo queue {cfg.queue_size} (a variant's train_overrides win; see the JSON). "
+             f"Machine: {meta['machine']}.", "",
+             "| variant | s/step | " + " | ".join(keys) + " | cos first→last | cos max after warm-up "
+             "| loss last (chance) | val R@10 by step | best step |",
+             "|---" * (len(keys) + 7) + "|"]
     for name, r in merged.items():
         def f(x: Any, p: int = 3) -> str:
             return "–" if x is None else f"{x:.{p}f}"
         lines.append(
             f"| {name} | {f(r.get('median_step_s'), 2)} | " + " | ".join(f(r['test'].get(k)) for k in keys)
             + f" | {f(r.get('product_cosine_first'))}→{f(r.get('product_cosine_last'))}"
-            + f" | {f(r.get('loss_last'), 2)} ({f(r.get('chance_loss'), 2)}) |"
+            + f" | {f(r.get('product_cosine_max_after_warmup'))}"
+            + f" | {f(r.get('loss_last'), 2)} ({f(r.get('chance_loss'), 2)})"
+            + " | " + (", ".join(f"{s}: {100 * v:.0f}" for s, v in r.get("val_curve", [])) or "–")
+            + f" | {r.get('best_step', '–')} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -52,6 +52,14 @@ def test_every_demo_model_gets_the_same_data_and_budget(tmp_path):
     assert {c.run.precision for c in configs} <= {"bf16", "fp32"}
 
 
+def test_the_default_recipe_has_no_queue_and_validates_at_least_every_20_steps(tmp_path):
+    # the stable recipe (docs/training.md): a memory queue made the demo's runs drift back to chance
+    for steps, every in ((100, 20), (200, 20), (20, 6), (2, 1)):
+        cfg = DemoConfig(steps=steps)
+        c = train_config_for(cfg.models[0], cfg, str(tmp_path), str(tmp_path / "o"))
+        assert c.negatives.queue_size == 0 and c.run.val_every == every, steps
+
+
 def test_variant_overrides_reach_the_train_config(tmp_path):
     cfg = DemoConfig(models=[])
     inbatch = train_config_for(_run_for("in-batch-only", "moon-small", {}), cfg, str(tmp_path), str(tmp_path / "o"))

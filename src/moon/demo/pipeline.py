@@ -60,7 +60,10 @@ class DemoConfig:
     steps: int = 100
     batch_size: int = 17
     hard_negatives: int = 1
-    queue_size: int = 256
+    # no memory queue by default: with one, runs of this size drift back towards chance (product
+    # vectors pulled together while the loss climbs), without one they learn steadily — measured in
+    # docs/training.md ("A stable recipe"); the queue stays a switch (and an ablation variant)
+    queue_size: int = 0
     lr: float = 5e-4
     eval_max_queries: int | None = 300
     eval_batch_size: int = 16
@@ -115,7 +118,7 @@ def train_config_for(run: ModelRun, cfg: DemoConfig, store_dir: str, out: str) -
             "out": out,
             "precision": train_precision(),
             "seed": cfg.seed,
-            "val_every": max(1, cfg.steps // 3),
+            "val_every": max(1, min(20, cfg.steps // 3)),  # ≥ 3 validations, at most 20 steps apart
             "ckpt_every": cfg.steps,
             "keep_last": 1,
             "tensorboard": False,

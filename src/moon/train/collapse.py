@@ -181,8 +181,9 @@ def relapse_message(step: int, watch: RelapseWatch, margin: float, cosine: float
     if _finite(cosine):
         text += f" The batch's product vectors have a mean cosine of {cosine:.3f} (collapse: ≥ {COSINE_THRESHOLD})."
     return (
-        text + " The best checkpoint by validation (best/) is kept; a smaller optim.lr, a smaller "
-        "negatives.queue_size or negatives.queue_max_age usually keep a run stable; see docs/training.md"
+        text + " The best checkpoint by validation (best/) is kept. A memory queue (negatives.queue_size) made runs "
+        "relapse like this in our measurements and training without it was stable; a smaller optim.lr may help too. "
+        "See docs/training.md (A stable recipe)"
     )
 
 
