@@ -67,10 +67,13 @@ VARIANTS: dict[str, ModelRun] = {
                                                 "negatives.queue_size": 256, "negatives.queue_max_age": 8}),
     "smol-noqueue": _smol("smol-noqueue", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
                                               "negatives.queue_size": 0}),
+    # (the three below keep the 256-vector queue: can it be kept stable?)
     "smol-age2": _smol("smol-age2", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
-                                        "negatives.queue_max_age": 2}),
-    "smol-lr3e-5-p10": _smol("smol-lr3e-5-p10", **{"optim.lr": 3e-5, "optim.lr_scale": {"projector": 10.0}}),
+                                        "negatives.queue_size": 256, "negatives.queue_max_age": 2}),
+    "smol-lr3e-5-p10": _smol("smol-lr3e-5-p10", **{"optim.lr": 3e-5, "optim.lr_scale": {"projector": 10.0},
+                                                    "negatives.queue_size": 256, "negatives.queue_max_age": 8}),
     "smol-tau-learn": _smol("smol-tau-learn", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
+                                                  "negatives.queue_size": 256, "negatives.queue_max_age": 8,
                                                   "loss.learn_temperature": True}),
     # the equal-start baseline (same image encoder + LM) and the floor
     "two-tower": ModelRun("two-tower", "two-tower", crops=False,
