@@ -351,3 +351,27 @@ def test_nan_gradients_are_never_applied(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="training diverged at step 3: loss .*, gradient norm nan"):
         train(cfg)
     assert len(steps_taken) == 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 10_000 + b"]" * 10_000, b'["a", "list"]', b'{"k": 1}', b"\xff\xfe not utf-8", b"{not json"],
+    ids=["deep", "list", "not-strings", "not-utf8", "not-json"],
+)
+def test_a_damaged_image_hash_cache_is_rebuilt_not_a_traceback(tmp_path, content):
+    # issue #29: a deep or wrong-shaped image-hashes.json in a run directory gave a traceback
+    from PIL import Image
+
+    from moon.train.catalog import ImageHashCache
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 4), "red").save(image)
+    cache_file = tmp_path / "image-hashes.json"
+    cache_file.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match="image-hashes.json"):
+        cache = ImageHashCache(cache_file)
+    import hashlib
+
+    assert cache.sha1(image) == hashlib.sha1(image.read_bytes()).hexdigest()
+    cache.save()
+    assert ImageHashCache(cache_file).sha1(image) == cache.sha1(image)  # rebuilt and readable again

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,10 @@ def normalise_text(text: str | None) -> str:
     return " ".join((text or "").lower().split())
 
 
+#: the most of an image-hash cache file read back (about 1.5 M images)
+MAX_HASH_CACHE_BYTES = 256 << 20
+
+
 class ImageHashCache:
     """SHA-1 of image files, kept in a JSON file keyed by path, size and mtime."""
 
@@ -30,10 +35,21 @@ class ImageHashCache:
         self.path = Path(path) if path is not None else None
         self._cache: dict[str, str] = {}
         if self.path is not None and self.path.is_file():
-            try:
-                self._cache = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                self._cache = {}
+            from moon.train.checkpoints import CheckpointError, read_json_file
+
+            try:  # a memo: a damaged, huge or deeply nested file is dropped and rebuilt, never trusted
+                cache = read_json_file(self.path, MAX_HASH_CACHE_BYTES)
+            except CheckpointError as exc:
+                warnings.warn(f"{exc}; the image hashes are computed again", RuntimeWarning, stacklevel=2)
+                cache = {}
+            if not (
+                isinstance(cache, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in cache.items())
+            ):
+                warnings.warn(
+                    f"{self.path}: not a map of image keys to hashes; computed again", RuntimeWarning, stacklevel=2
+                )
+                cache = {}
+            self._cache = cache
         self._dirty = False
 
     def sha1(self, ref: object) -> str | None:
