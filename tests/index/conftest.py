@@ -88,3 +88,15 @@ def other_embedder() -> ToyEmbedder:
 @pytest.fixture
 def toy_store(tmp_path):
     return make_toy_store(tmp_path / "store")
+
+
+@pytest.fixture
+def toy_family(toy_embedder):
+    """Registers the ToyEmbedder as family ``toy`` (``--model toy`` works in this process;
+    ``toy:SALT`` gives another fingerprint)."""
+    from moon.embedders import _FACTORIES, register_embedder
+
+    toy_class = type(toy_embedder)
+    register_embedder("toy", lambda arg: toy_class(arg or ""))
+    yield
+    _FACTORIES.pop("toy", None)

@@ -4,16 +4,6 @@ import pytest
 from click.testing import CliRunner
 
 from moon.cli import cli
-from moon.embedders import _FACTORIES, register_embedder
-
-
-@pytest.fixture
-def toy_family(toy_embedder):
-    """Registers the ToyEmbedder as family ``toy`` (``toy:SALT`` gives another fingerprint)."""
-    toy_class = type(toy_embedder)
-    register_embedder("toy", lambda arg: toy_class(arg or ""))
-    yield
-    _FACTORIES.pop("toy", None)
 
 
 def run(*args: str) -> str:

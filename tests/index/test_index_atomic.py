@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_index_hardening import _cli, _one_line_error  # the CLI helpers of the first round
 
-from moon.cli import main
 from moon.data import ProductStore
-from moon.embedders import _FACTORIES, register_embedder
 from moon.errors import ConfigError, MoonError
 from moon.index import (
     IndexFormatError,
@@ -61,31 +60,6 @@ WORKER = textwrap.dedent(
         main(argv)
     """
 )
-
-
-@pytest.fixture
-def toy_family(toy_embedder):
-    """The ToyEmbedder as model family ``toy`` (so ``--model toy`` works in this process)."""
-    toy_class = type(toy_embedder)
-    register_embedder("toy", lambda arg: toy_class(arg or ""))
-    yield
-    _FACTORIES.pop("toy", None)
-
-
-def _cli(capsys, *argv):
-    """Run ``moon ARGV`` in this process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _one_line_error(code, err, needle):
-    assert code == 2 and err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
 
 
 def _run_together(tmp_path, command_lists, timeout=180):

@@ -293,7 +293,7 @@ def _expect(store: Path) -> ckpt.Expected:
     [
         ("size-is-text", r"checkpoint.json: files.model.safetensors must be a size in bytes, got 'big'"),
         ("10k-deep", r"checkpoint.json: JSON nested too deeply"),
-        ("over-1-MiB", r"checkpoint.json: larger than 1,048,576 bytes"),
+        ("over-1-MiB", r"checkpoint.json: too large \([0-9,]+ bytes > limit 1,048,576 bytes"),
         ("not-utf8", r"checkpoint.json: not UTF-8 \(byte 0xe9 at offset 2\)"),
     ],
 )

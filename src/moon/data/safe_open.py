@@ -21,9 +21,11 @@ Errors are :class:`FileRefusedError` (a :class:`~moon.errors.DataError`, so the 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import stat
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from moon.errors import DataError
 
@@ -183,3 +185,68 @@ def read_regular(
     if len(data) > max_bytes:
         raise _too_large(label, None, max_bytes, hint)
     return data
+
+
+# --- JSON ------------------------------------------------------------------------------------------
+
+#: how deep a JSON document read from a file may nest (json.loads recurses once per level)
+MAX_JSON_DEPTH = 128
+
+# a JSON string (skipped whole, so brackets inside it do not count) or a bracket
+_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether the brackets of the JSON text ``data`` nest deeper than ``limit`` (a scan in C-speed
+    regex steps, before ``json.loads`` — which would recurse once per level — ever sees it)."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(data):
+        c = data[m.start()]
+        if c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def read_json(path: str | os.PathLike, max_bytes: int, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON document in the regular file ``path``: at most ``max_bytes`` read, at most
+    ``max_depth`` levels parsed. Raises :class:`~moon.errors.DataError` (one line naming the file)
+    for a file that is not regular (a FIFO never blocks), too large, nested too deeply, not UTF-8 or
+    not JSON (``NaN`` / ``Infinity`` included)."""
+    data = read_regular(path, max_bytes, what="a JSON file")
+    if json_depth_exceeds(data, max_depth):
+        raise DataError(f"{os.fspath(path)}: JSON nested too deeply (more than {max_depth} levels)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{os.fspath(path)}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from exc
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5,000-digit integer
+        raise DataError(f"{os.fspath(path)}: not valid JSON ({_brief(exc)})") from exc
+
+
+def json_format(path: str | os.PathLike, max_bytes: int) -> str | None:
+    """The ``format`` field a JSON manifest names (``moon-store``, ``moon-index`` …): ``None`` when
+    there is no such file, ``"?"`` when it is not a readable JSON object with a string ``format``;
+    never raises, never blocks."""
+    if not (os.path.exists(path) or os.path.islink(path)):
+        return None
+    try:
+        data = read_json(path, max_bytes)
+    except DataError:
+        return "?"
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else "?"

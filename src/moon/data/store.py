@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moon.data.records import MAX_CATEGORY_LEVELS, SPLITS, Box, Product, Purchase, Query
-from moon.data.safe_open import FileRefusedError, check_regular, read_regular
+from moon.data.safe_open import FileRefusedError, check_regular, json_format, read_regular
 from moon.errors import DataError
 
 FORMAT_NAME = "moon-store"
@@ -189,17 +189,6 @@ def _table_files() -> tuple[str, ...]:
     return tuple(f"{name}.parquet" for name in TABLES)
 
 
-def _manifest_format(path: Path) -> str | None:
-    """The ``format`` a ``manifest.json`` names (``moon-store``, ``moon-index`` …), ``"?"`` when it
-    cannot be read as a JSON object; never raises."""
-    try:  # a FIFO or device named manifest.json must not block (see safe_open)
-        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, FileRefusedError):
-        return "?"
-    fmt = data.get("format") if isinstance(data, dict) else None
-    return fmt if isinstance(fmt, str) else "?"
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -311,7 +300,7 @@ class StoreWriter:
         manifest = self.root / MANIFEST_FILE
         how = "pass --overwrite / overwrite=True to replace it"
         if manifest.exists():
-            fmt = _manifest_format(manifest)
+            fmt = json_format(manifest, MAX_MANIFEST_BYTES)
             if fmt == FORMAT_NAME:
                 if not self.overwrite:
                     raise StoreError(f"{self.root}: a store already exists here ({how})")

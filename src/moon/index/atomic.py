@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -40,6 +39,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from moon.data.safe_open import json_format
 from moon.errors import ConfigError, MoonError
 from moon.index.manifest import (
     FORMAT_NAME,
@@ -74,17 +74,8 @@ class IndexSaveError(MoonError):
 # ---------------------------------------------------------------------------------------- target
 def manifest_format(path: Path) -> str | None:
     """The ``format`` a ``manifest.json`` names, ``"?"`` when it is not a readable JSON object,
-    ``None`` when there is no such file; never raises."""
-    if not (path.exists() or path.is_symlink()):
-        return None
-    from moon.data.safe_open import FileRefusedError, read_regular
-
-    try:  # a FIFO or device named manifest.json must not block (moon.data.safe_open)
-        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, FileRefusedError):
-        return "?"
-    fmt = data.get("format") if isinstance(data, dict) else None
-    return fmt if isinstance(fmt, str) else "?"
+    ``None`` when there is no such file; never raises, never blocks (a FIFO is refused)."""
+    return json_format(path, MAX_MANIFEST_BYTES)
 
 
 def check_index_target(root: str | os.PathLike) -> None:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moon import __version__
 from moon.data import ImageLoadError, ProductStore, Query, load_image
+from moon.data.safe_open import json_depth_exceeds
 from moon.embedders import Embedder
 from moon.errors import MoonError
 from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
@@ -105,21 +106,6 @@ class _Service:
             raise ApiError(504, f"the request took longer than the {self.limits.timeout_s:g} s limit") from None
 
 
-def _json_depth_ok(body: bytes, limit: int) -> bool:
-    """Whether brackets in ``body`` nest at most ``limit`` deep (a cheap scan before ``json.loads``,
-    which would recurse once per level; brackets inside strings count too, which only errs on the
-    side of refusing)."""
-    depth = 0
-    for byte in body:
-        if byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return False
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return True
-
-
 def _check_text(text: str) -> None:
     try:
         text.encode("utf-8")
@@ -140,7 +126,7 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
     image_bytes: bytes | None = None
     if ctype == "application/json":
         body = await request.body()
-        if not _json_depth_ok(body, MAX_JSON_DEPTH):
+        if json_depth_exceeds(body, MAX_JSON_DEPTH):
             raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             payload = json.loads(body or b"null")

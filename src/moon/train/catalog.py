@@ -17,6 +17,8 @@ import numpy as np
 
 from moon.data import Product, Query, image_sha1
 from moon.data.images import ImageLoadError
+from moon.data.safe_open import read_json
+from moon.errors import DataError
 
 
 def normalise_text(text: str | None) -> str:
@@ -35,11 +37,9 @@ class ImageHashCache:
         self.path = Path(path) if path is not None else None
         self._cache: dict[str, str] = {}
         if self.path is not None and self.path.is_file():
-            from moon.train.checkpoints import CheckpointError, read_json_file
-
             try:  # a memo: a damaged, huge or deeply nested file is dropped and rebuilt, never trusted
-                cache = read_json_file(self.path, MAX_HASH_CACHE_BYTES)
-            except CheckpointError as exc:
+                cache = read_json(self.path, MAX_HASH_CACHE_BYTES)
+            except DataError as exc:
                 warnings.warn(f"{exc}; the image hashes are computed again", RuntimeWarning, stacklevel=2)
                 cache = {}
             if not (

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moon.data.safe_open import MAX_JSON_DEPTH, read_json
 from moon.errors import DataError
 
 FORMAT = 1
@@ -55,7 +56,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_STATE_JSON_BYTES = 64 << 20
 #: the deepest JSON nesting read from a checkpoint (a real state nests about 6 levels)
-MAX_JSON_DEPTH = 128
 
 
 class CheckpointError(DataError):
@@ -243,51 +243,16 @@ def _save_state(state: dict[str, Any], directory: Path, name: str) -> None:
     _save_json(encoded, directory / f"{name}.json")
 
 
-# a JSON string (skipped whole, so brackets inside it do not count) or a bracket
-_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
-
-
-def json_depth_exceeds(data: bytes, limit: int) -> bool:
-    """Whether the brackets of the JSON text ``data`` nest deeper than ``limit`` (a scan in C-speed
-    regex steps, before ``json.loads`` — which would recurse once per level — ever sees it)."""
-    depth = 0
-    for m in _JSON_TOKENS.finditer(data):
-        c = data[m.start()]
-        if c in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return False
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_json_file(path: Path, max_bytes: int, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """The JSON document in ``path``, read only up to ``max_bytes`` and ``max_depth`` levels.
 
     Raises :class:`CheckpointError` (one line, naming the file) for a file that is missing, too
-    large, nested too deeply, not UTF-8 or not JSON (``NaN`` / ``Infinity`` included)."""
+    large, nested too deeply, not UTF-8 or not JSON (``NaN`` / ``Infinity`` included): the reasons
+    of :func:`moon.data.safe_open.read_json`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({_brief(exc)})") from exc
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{path}: larger than {max_bytes:,} bytes, the most MOON reads from this JSON file")
-    if json_depth_exceeds(data, max_depth):
-        raise CheckpointError(f"{path}: JSON nested too deeply (more than {max_depth} levels)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from exc
-    try:
-        return json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5,000-digit integer
-        raise CheckpointError(f"{path}: not valid JSON ({_brief(exc)})") from exc
+        return read_json(path, max_bytes, max_depth=max_depth)
+    except DataError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
