@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--products", type=int, default=500)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default="small", choices=("small", "default", "large"),
+                    help="the world's profile (images and queries per product; moon.world.synth.PROFILES)")
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"))
     ap.add_argument("--val-every", type=int, default=None,
                     help="validate every N steps (default: the demo's, a third of the run)")
@@ -132,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variants {unknown}; --list shows them")
 
-    cfg = DemoConfig(products=args.products, steps=args.steps, seed=args.seed, models=[])
+    cfg = DemoConfig(products=args.products, steps=args.steps, seed=args.seed, profile=args.profile, models=[])
+    from moon.model.feature_store import default_root
+
+    with default_root(Path(args.out) / "feature-cache"):  # image features once per image, across runs
+        return _run(args, names, cfg)
+
+
+def _run(args: argparse.Namespace, names: list[str], cfg: DemoConfig) -> int:
     runner = StageRunner(Path(args.out) / "stages", log=print)
     world = runner.run("world", {"products": cfg.products, "seed": cfg.seed, "profile": cfg.profile},
                        lambda d: _world(d, cfg))
@@ -192,7 +201,7 @@ def _write(args: argparse.Namespace, cfg: DemoConfig, results: dict[str, Any]) -
     meta = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "native_bf16": native_bf16(), "torch": torch.__version__},
-        "world": {"products": cfg.products, "seed": cfg.seed},
+        "world": {"products": cfg.products, "seed": cfg.seed, "profile": cfg.profile},
         "budget": {"steps": cfg.steps, "batch": cfg.batch_size, "hard": cfg.hard_negatives, "queue": cfg.queue_size},
     }
     prev = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}

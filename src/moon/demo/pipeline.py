@@ -149,6 +149,13 @@ def _run_demo(out_dir: str | os.PathLike, cfg: DemoConfig | None, log: Callable[
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from moon.model.feature_store import default_root
+
+    with default_root(out / "feature-cache"):  # image features once per image, across resumed runs
+        return _run_stages(out, cfg, log)
+
+
+def _run_stages(out: Path, cfg: DemoConfig, log: Callable[[str], None]) -> Path:
     runner = StageRunner(out / "stages", log=log)
 
     world = runner.run(

@@ -270,9 +270,11 @@ class MoonEmbedder(nn.Module):
 
     def build_product_inputs(self, products: Sequence[Product]) -> list[EncodedInput]:
         """Products → inputs (CPU tensors); crops are added when ``config.use_crops``."""
+        self.inputs.prefetch(products)
         return [self.inputs.product(p) for p in products]
 
     def build_query_inputs(self, queries: Sequence[Query]) -> list[EncodedInput]:
+        self.inputs.prefetch(queries)
         return [self.inputs.query(q) for q in queries]
 
     def collate(self, items: Sequence[EncodedInput]) -> dict[str, torch.Tensor | None]:
@@ -385,6 +387,7 @@ class MoonEmbedder(nn.Module):
                 progress.bar(len(records), f"encode {what}", enabled=show_progress, unit=what) as bar,
             ):
                 for start in range(0, len(records), window):
+                    self.inputs.prefetch(records[start : start + window])  # image features in full batches
                     items = [build(r) for r in records[start : start + window]]
                     order = sorted(range(len(items)), key=lambda i: len(items[i]))
                     for b in range(0, len(order), batch_size):

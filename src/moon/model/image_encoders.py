@@ -26,8 +26,10 @@ from moon.errors import ConfigError
 
 
 class ImageEncoder(nn.Module):
-    """Base class: ``preprocess(PIL) -> (3, S, S)`` and ``forward(pixels) -> (N, D, h, w)``."""
+    """Base class: ``preprocess(PIL) -> (3, S, S)`` and ``forward(pixels) -> (N, D, h, w)``.
+    ``channels_last``: a convolutional network, faster with weights and pixels in that layout."""
 
+    channels_last: bool = False
     feature_dim: int
     image_size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -42,6 +44,7 @@ class ImageEncoder(nn.Module):
 
 
 class EfficientNetLite0(ImageEncoder):
+    channels_last = True
     feature_dim = 1280
     mean = (0.498, 0.498, 0.498)
     std = (0.502, 0.502, 0.502)
@@ -61,6 +64,7 @@ class EfficientNetLite0(ImageEncoder):
 class TinyCNN(ImageEncoder):
     """Three strided convolutions (random init): ``(N, 3, S, S)`` → ``(N, 32, S/8, S/8)``."""
 
+    channels_last = True
     feature_dim = 32
 
     def __init__(self, image_size: int = 64, pretrained: bool = False):

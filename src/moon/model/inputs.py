@@ -155,11 +155,13 @@ class InputBuilder:
         return out
 
     # -- images ---------------------------------------------------------------------------
-    def image_refs(self, images: Sequence, crops: Sequence, use_crops: bool, record_id: str) -> tuple[list, list[str]]:
+    def image_refs(
+        self, images: Sequence, crops: Sequence, use_crops: bool, record_id: str, *, warn: bool = True
+    ) -> tuple[list, list[str]]:
         """The images a record is encoded with, in sequence order, and their aspects (``vision``/``crop``):
         the first ``max_images`` images, each followed by its crop when ``use_crops``."""
         n_max = self.config.max_images
-        if len(images) > n_max:
+        if len(images) > n_max and warn:
             warnings.warn(
                 f"{record_id}: {len(images)} images > max_images={n_max}; keeping the first {n_max}",
                 TruncationWarning,
@@ -203,6 +205,19 @@ class InputBuilder:
             put(seq, aspect)
         put([mk.end], "template")
         return torch.tensor(ids, dtype=torch.long), torch.tensor(tags, dtype=torch.long)
+
+    def prefetch(self, records: Sequence[Product | Query]) -> None:
+        """Let the image side prepare every image of ``records`` at once (the graft family
+        computes its frozen features in full batches); a no-op for families without it."""
+        prefetch = getattr(self.images, "prefetch", None)
+        if prefetch is None:
+            return
+        refs: list = []
+        for r in records:
+            use_crops = self.config.use_crops if isinstance(r, Product) else self.config.query_crops
+            refs += self.image_refs(r.images, r.crops, use_crops, "", warn=False)[0]
+        if refs:
+            prefetch(refs)
 
     # -- records ----------------------------------------------------------------------------
     def product(self, product: Product) -> EncodedInput:
