@@ -57,7 +57,8 @@ def demo(out: str, quick: bool, products: int | None, steps: int | None, seed: i
 )
 @click.option("--seeds", type=int, default=None, help="Use seeds 0..N-1 instead of the config's list.")
 def ablate(config_file: str, out: str, seeds: int | None) -> None:
-    """Full MOON vs no crops vs dense (no MoE) vs learned-only router vs in-batch-only negatives.
+    """Full MOON vs no crops, dense (no MoE), learned-only router, no hard negatives, with a memory
+    queue, and in-batch-only negatives (the config's `variants` picks among them).
 
     Writes OUT/ablation.md (mean ± std over seeds), OUT/ablation.json and OUT/ablation.png.
     """

@@ -1,8 +1,11 @@
 """`moon ablate`: the paper's ablations on the product world, mean ± std over seeds.
 
 Variants (PAPER.md §7): ``full`` MOON; ``no-crops`` (no core-region crops); ``dense`` (no MoE);
-``learned-router`` (MoE without the aspect guidance); ``in-batch-only`` (no hard, spatial or
-temporal negatives). Each variant is trained with the same budget for every seed and scored by the
+``learned-router`` (MoE without the aspect guidance); ``no-hard`` (no same-category hard
+negatives); ``with-queue`` (adds temporal negatives: a memory queue, which the default recipe
+leaves out); ``in-batch-only`` (no hard, spatial or temporal negatives). Spatial (cross-process)
+negatives exist only when training runs in several processes; a one-process ablation has none in
+any variant. Each variant is trained with the same budget for every seed and scored by the
 same harness; world, detector and every (variant, seed) run are cached stages.
 """
 
@@ -29,6 +32,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-crops": {"crops": False, "overrides": {"use_crops": False}},
     "dense": {"overrides": {"moe_mode": "dense"}},
     "learned-router": {"overrides": {"moe_mode": "learned"}},
+    "no-hard": {"train_overrides": {"negatives.hard": 0}},
+    # the default recipe has no memory queue (docs/training.md, "A stable recipe"), so the paper's
+    # temporal negatives are the variant here: a 256-vector queue whose entries are at most 2 steps
+    # old (the age that trained without relapse; 8 drifted back towards chance)
+    "with-queue": {"train_overrides": {"negatives.queue_size": 256, "negatives.queue_max_age": 2}},
     "in-batch-only": {"train_overrides": {"negatives.hard": 0, "negatives.spatial": False, "negatives.queue_size": 0}},
 }
 
@@ -37,6 +45,8 @@ EXPECTED = {
     "no-crops": "image retrieval",
     "dense": "classification and attributes",
     "learned-router": "classification and attributes",
+    "no-hard": "a little everywhere (same-category negatives teach fine distinctions)",
+    "with-queue": "helps a little (more negatives per step)",
     "in-batch-only": "a little everywhere",
 }
 
@@ -131,6 +141,13 @@ def run_ablation(out_dir: str | Path, cfg: AblationConfig, *, log: Callable[[str
 def _run_ablation(out_dir: str | Path, cfg: AblationConfig, log: Callable[[str], None]) -> Path:
     cfg.validate()
     out = Path(out_dir)
+    from moon.model.feature_store import default_root
+
+    with default_root(out / "feature-cache"):  # image features once per image, across variants and runs
+        return _run_variants(out, cfg, log)
+
+
+def _run_variants(out: Path, cfg: AblationConfig, log: Callable[[str], None]) -> Path:
     runner = StageRunner(out / "stages", log=log)
     d = cfg.demo
     world = runner.run("world", {"products": d.products, "seed": d.seed, "profile": d.profile}, lambda s: _world(s, d))
