@@ -4,17 +4,22 @@ clear error, and a crafted manifest is refused by field."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
+import faiss
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from moon.cli import main
 from moon.embedders import load_embedder
 from moon.errors import ConfigError, MoonError
-from moon.index import IndexFormatError, build_index, read_manifest
+from moon.index import IndexFormatError, VectorIndex, build_index, read_manifest
 
 TINY = {"dim": 16, "hidden": 32, "layers": 1, "heads": 2, "image_size": 32, "patch": 16, "max_text_len": 16}
 
@@ -204,3 +209,167 @@ def test_unreadable_manifests_are_clear_errors(tmp_path, content, capsys):
         read_manifest(tmp_path / "idx")
     code, _, err = _cli(capsys, "search", str(tmp_path / "idx"), "--text", "x")
     _one_line_error(code, err, "unreadable manifest")
+
+
+# ------------------------------------------------ a manifest naming a checkpoint with custom code (auto_map)
+def _custom_code_model(tmp_path, where, marker):
+    """A model directory with custom code declared in ``where`` (the rest plain weights' files)."""
+    model_dir = tmp_path / "model"
+    if where == "saved-moon-backbone":  # a saved MOON directory whose backbone/config.json maps code
+        _plant_code(model_dir / "backbone", marker)
+        (model_dir / "embedder.json").write_text(json.dumps({"family": "moon", "config": {}}))
+        return model_dir
+    _plant_code(model_dir, marker)  # config.json with auto_map, planted.py next to it
+    if where != "config.json":  # only ``where`` maps code: config.json is a plain Qwen2-VL one
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+        (model_dir / where).write_text(json.dumps({"auto_map": {"AutoTokenizer": ["planted.Tok", None]}}))
+    return model_dir
+
+
+@pytest.mark.parametrize(
+    "where", ["config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+              "saved-moon-backbone"],
+)  # fmt: skip
+def test_a_manifest_naming_a_model_with_custom_code_is_refused_before_loading(
+    tmp_path, toy_embedder, toy_store, capsys, monkeypatch, where
+):
+    """transformers, not told trust_remote_code, would stop at its "run the custom code? [y/N]" prompt
+    (a hung ``moon serve``) or run the code: refused before anything is loaded, without a prompt."""
+    prompts = []
+
+    def no_prompt(*args, **kwargs):
+        prompts.append(args)
+        raise AssertionError(f"input() reached: {args}")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    marker = tmp_path / "ran"
+    model_dir = _custom_code_model(tmp_path, where, marker)
+    monkeypatch.syspath_prepend(str(model_dir))
+    idx = tmp_path / "idx"
+    build_index(toy_embedder, toy_store, idx, model="toy")
+    data = json.loads((idx / "manifest.json").read_text())
+    data.update(model=str(model_dir), model_relative=None)
+    (idx / "manifest.json").write_text(json.dumps(data))
+    bad = "backbone/config.json" if where == "saved-moon-backbone" else where
+    needle = f"names the model directory {model_dir}, whose {bad} has an auto_map (custom code"
+    for argv in (["search", str(idx), "--text", "hat"], ["index", "add", str(idx)]):
+        code, _, err = _cli(capsys, *argv)
+        _one_line_error(code, err, needle)
+        assert "--trust-remote-code" in err
+    from moon.serve import create_app
+
+    with pytest.raises(ConfigError, match="has an auto_map"):
+        create_app(idx)
+    assert prompts == [] and not marker.exists() and "planted" not in sys.modules
+
+
+def test_a_users_own_model_is_not_checked_for_custom_code(tmp_path, toy_family, toy_embedder, toy_store, capsys):
+    """The refusal is about data files: ``--model`` given by the user is the user's call (here a
+    custom-code directory next to the index is ignored when the user names the model)."""
+    idx = tmp_path / "idx"
+    build_index(toy_embedder, toy_store, idx, model="toy")
+    _plant_code(tmp_path / "model", tmp_path / "ran")
+    data = json.loads((idx / "manifest.json").read_text())
+    data.update(model=str(tmp_path / "model"), model_relative=None)
+    (idx / "manifest.json").write_text(json.dumps(data))
+    code, out, err = _cli(capsys, "search", str(idx), "--model", "toy", "--text", "red shoe", "-k", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["id"] == "red-shoe"
+
+
+# ------------------------------------------------ damaged id table / vectors file of another kind
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _replace_data_file(idx, what, data):
+    """Write ``data`` as the index's ``what`` file and record its size and sha256 in the manifest, so
+    that only the contents are wrong (a damaged index as a buggy or crafted writer leaves it)."""
+    manifest = json.loads((idx / "manifest.json").read_text())
+    rec = manifest["files"][what]
+    (idx / rec["name"]).write_bytes(data)
+    rec.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    return idx / rec["name"]
+
+
+def _parquet(table):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize(
+    ("columns", "needle"),
+    [
+        ({"label": pa.array(range(12), pa.int64())}, "expected columns label (int64) and id (string), got label (int64)"),
+        ({"label": pa.array(range(12), pa.int64()), "product": pa.array([f"p{i}" for i in range(12)])},
+         "got label (int64), product (string)"),
+        ({"label": pa.array(range(12), pa.int32()), "id": pa.array([f"p{i}" for i in range(12)])},
+         "got label (int32), id (string)"),
+        ({"label": pa.array(range(12), pa.int64()), "id": pa.array(["p0", "p1", "p2", "p1"] + [f"q{i}" for i in range(8)])},
+         "id 'p1' appears twice (rows 1 and 3)"),
+        ({"label": pa.array([0, 1, 2, 2] + list(range(4, 12)), pa.int64()), "id": pa.array([f"p{i}" for i in range(12)])},
+         "label 2 appears twice (rows 2 and 3)"),
+        ({"label": pa.array(range(12), pa.int64()), "id": pa.array(["p0", None, "p2", None] + [f"q{i}" for i in range(8)])},
+         "2 null ids (row 1 …)"),
+        ({"label": pa.array([0, None] + list(range(2, 12)), pa.int64()), "id": pa.array([f"p{i}" for i in range(12)])},
+         "1 null label (row 1)"),
+    ],
+    ids=["no-id-column", "id-column-renamed", "label-int32", "duplicate-id", "duplicate-label", "null-ids",
+         "null-label"],
+)  # fmt: skip
+def test_a_damaged_id_table_is_one_line_and_changes_nothing(
+    tmp_path, toy_store, toy_embedder, toy_family, capsys, columns, needle
+):
+    idx = tmp_path / "idx"
+    build_index(toy_embedder, toy_store, idx, model="toy")
+    path = _replace_data_file(idx, "ids", _parquet(pa.table(columns)))
+    before = _snapshot(idx)
+    with pytest.raises(IndexFormatError, match=re.escape(f"{path}: ")):
+        VectorIndex.open(idx)
+    for argv in (
+        ["search", str(idx), "--model", "toy", "--text", "red shoe"],
+        ["index", "remove", str(idx), "p0"],
+    ):
+        code, _, err = _cli(capsys, *argv)
+        _one_line_error(code, err, f"{path}: ")
+        assert needle in err and "rebuild" in err
+    assert _snapshot(idx) == before
+
+
+@pytest.mark.parametrize(
+    ("built", "recorded", "needle"),
+    [
+        ("exact", "hnsw", "holds an index of kind 'exact', but manifest.json says kind 'hnsw'"),
+        ("hnsw", "exact", "holds an index of kind 'hnsw', but manifest.json says kind 'exact'"),
+        ("exact", "ivfpq", "holds an index of kind 'exact', but manifest.json says kind 'ivfpq'"),
+        ("flat-l2", "exact", "holds a FAISS IndexIDMap2(IndexFlatL2) index, which MOON does not write, but"),
+    ],
+    ids=["flat-as-hnsw", "hnsw-as-exact", "flat-as-ivfpq", "l2-as-exact"],
+)
+def test_a_vectors_file_of_another_kind_is_one_line_and_changes_nothing(
+    tmp_path, toy_store, toy_embedder, toy_family, capsys, built, recorded, needle
+):
+    idx = tmp_path / "idx"
+    build_index(toy_embedder, toy_store, idx, model="toy", kind="exact" if built == "flat-l2" else built)
+    manifest = json.loads((idx / "manifest.json").read_text())
+    if built == "flat-l2":  # the same vectors and labels under the L2 metric: a structure MOON never writes
+        index = VectorIndex.open(idx).faiss
+        other = faiss.IndexIDMap2(faiss.IndexFlatL2(index.d))
+        other.add_with_ids(index.index.reconstruct_n(0, index.ntotal), faiss.vector_to_array(index.id_map))
+        _replace_data_file(idx, "vectors", faiss.serialize_index(other).tobytes())
+    else:
+        manifest["kind"] = recorded
+        (idx / "manifest.json").write_text(json.dumps(manifest))
+    path = idx / manifest["files"]["vectors"]["name"]
+    before = _snapshot(idx)
+    with pytest.raises(IndexFormatError, match=re.escape(needle)):
+        VectorIndex.open(idx)
+    for argv in (
+        ["search", str(idx), "--model", "toy", "--text", "red shoe"],
+        ["index", "remove", str(idx), "red-shoe"],
+    ):
+        code, _, err = _cli(capsys, *argv)
+        _one_line_error(code, err, f"{path}: {needle}")
+    assert _snapshot(idx) == before

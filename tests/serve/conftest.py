@@ -30,3 +30,45 @@ def served_index(tmp_path_factory):
 def other_embedder():
     """Same family as the served index's model, different fingerprint."""
     return toys.ToyEmbedder(salt="other")
+
+
+@pytest.fixture
+def start_server():
+    """``start(app, limits=None) -> uvicorn.Server``: serve ``app`` on a free loopback port with
+    ``moon serve``'s uvicorn options (:func:`moon.serve.server.server_options`), in a thread;
+    ``server.port`` is the port. Every server started is stopped after the test."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from moon.serve import ServeLimits
+    from moon.serve.server import server_options
+
+    running = []
+
+    def start(app, limits=None):
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            **server_options(limits or ServeLimits()),
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        server.port = server.servers[0].sockets[0].getsockname()[1]
+        return server
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=15)

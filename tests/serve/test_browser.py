@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,33 +25,13 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def live_server(served_index):
-    import uvicorn
-
+def live_server(served_index, start_server):
     from moon.serve import create_app
 
     index_dir, store, embedder = served_index
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(index_dir, embedder), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    server.should_exit = True
-    thread.join(timeout=10)
+    server = start_server(create_app(index_dir, embedder))
+    yield f"http://127.0.0.1:{server.port}", store
 
 
 @pytest.fixture

@@ -138,6 +138,7 @@ def test_svg_is_not_served_and_rasters_say_nosniff(tmp_path, served_index):
         r = c.get("/products/p/image?n=1")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.headers["x-content-type-options"] == "nosniff"
-        assert r.headers["content-security-policy"] == "default-src 'none'"
+        assert r.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert r.headers["x-frame-options"] == "DENY"
         assert c.get("/healthz").headers["x-content-type-options"] == "nosniff"
         assert c.get("/nope").headers["x-content-type-options"] == "nosniff"

@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import math
+
 import click
+
+from moon.errors import ConfigError
+
+#: the longest timeout accepted, in seconds (as ``moon.serve.limits.MAX_TIMEOUT_S``)
+MAX_SECONDS = 86_400
+#: the largest --max-body-mb (1 TiB)
+MAX_BODY_MB = 1024 * 1024
+
+
+def _fmt(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+class _Number(click.ParamType):
+    """An int or a finite float in a range. A bad value is a :class:`ConfigError` naming the
+    option, which ``moon``'s entry point prints as one ``error: …`` line (exit 2), like its other
+    user errors (click's own ``BadParameter`` prints a usage block)."""
+
+    def __init__(self, kind: type, low: float, high: float | None = None, *, above_low: bool = False):
+        self.kind, self.low, self.high, self.above_low = kind, low, high, above_low
+        self.name = kind.__name__
+
+    def _wants(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        low = f"above {_fmt(self.low)}" if self.above_low else f"at least {_fmt(self.low)}"
+        if self.high is None:
+            return f"{what} {low}"
+        if self.above_low:
+            return f"{what} {low} and at most {_fmt(self.high)}"
+        return f"{what} between {_fmt(self.low)} and {_fmt(self.high)}"
+
+    def convert(self, value, param, ctx):
+        option = param.opts[0] if param is not None and param.opts else "the value"
+        try:
+            number = self.kind(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{option} must be {self._wants()}, got {value!r}") from None
+        ok = (
+            math.isfinite(number)
+            and (number > self.low if self.above_low else number >= self.low)
+            and (self.high is None or number <= self.high)
+        )
+        if not ok:
+            raise ConfigError(f"{option} must be {self._wants()}, got {value!r}")
+        return number
 
 
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=_Number(int, 0, 65535), help="TCP port (0: any free).")
 @click.option("--model", default=None, help="Embedder spec (default: the index's; must match its fingerprint).")
 @click.option(
     "--store",
@@ -17,14 +64,48 @@ import click
     type=click.Path(file_okay=False),
     help="Product store (default: the manifest's).",
 )
-@click.option("--max-body-mb", default=8.0, show_default=True, help="Largest request body (uploads included).")
-@click.option("--max-pixels", default=24_000_000, show_default=True, help="Largest uploaded image (width × height).")
-@click.option("--max-text", default=1000, show_default=True, help="Longest query text (characters).")
-@click.option("--max-k", default=100, show_default=True, type=click.IntRange(1, 100), help="Most results per search.")
 @click.option(
-    "--timeout", "timeout_s", default=30.0, show_default=True, help="Seconds one request may take (504 after)."
+    "--max-body-mb",
+    default=8.0,
+    show_default=True,
+    type=_Number(float, 0, MAX_BODY_MB, above_low=True),
+    help="Largest request body (uploads included).",
 )
-@click.option("--concurrency", default=2, show_default=True, help="Model calls running at once.")
+@click.option(
+    "--max-pixels",
+    default=24_000_000,
+    show_default=True,
+    type=_Number(int, 1),
+    help="Largest uploaded image (width × height).",
+)
+@click.option(
+    "--max-text", default=1000, show_default=True, type=_Number(int, 1), help="Longest query text (characters)."
+)
+@click.option("--max-k", default=100, show_default=True, type=_Number(int, 1, 100), help="Most results per search.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    type=_Number(float, 0, MAX_SECONDS, above_low=True),
+    help="Seconds one model/search call may take, queueing included (504 after).",
+)
+@click.option("--concurrency", default=2, show_default=True, type=_Number(int, 1), help="Model calls running at once.")
+@click.option(
+    "--read-timeout",
+    "read_timeout_s",
+    default=60.0,
+    show_default=True,
+    type=_Number(float, 0, MAX_SECONDS, above_low=True),
+    help="Seconds a client has to send a whole request, headers and body (408 and closed after).",
+)
+@click.option(
+    "--max-connections",
+    default=256,
+    show_default=True,
+    type=_Number(int, 1),
+    help="Connections open at once; beyond it the longest-idle one is closed, or 503 if all are busy.",
+)
 @click.option(
     "--trust-remote-code",
     is_flag=True,
@@ -48,6 +129,8 @@ def serve(
     max_k,
     timeout_s,
     concurrency,
+    read_timeout_s,
+    max_connections,
     trust_remote_code,
     log_level,
 ) -> None:
@@ -56,14 +139,17 @@ def serve(
 
     from moon.index import load_index_embedder, read_manifest
     from moon.serve import ServeLimits, create_app
+    from moon.serve.server import server_options
 
     limits = ServeLimits(
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_body_bytes=math.ceil(max_body_mb * 1024 * 1024),
         max_pixels=max_pixels,
         max_text_chars=max_text,
         max_k=max_k,
         timeout_s=timeout_s,
         concurrency=concurrency,
+        read_timeout_s=read_timeout_s,
+        max_connections=max_connections,
     )
     manifest = read_manifest(index_dir)
     embedder = load_index_embedder(manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)
@@ -71,6 +157,4 @@ def serve(
     click.echo(
         f"serving {manifest.count:,} products ({manifest.kind}, {manifest.model}) at http://{host}:{port}/", err=True
     )
-    uvicorn.run(
-        app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024
-    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **server_options(limits))

@@ -93,6 +93,31 @@ def new_faiss_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.Index:
     raise ConfigError(f"unknown index kind {kind!r}")
 
 
+def faiss_kind(index: faiss.Index) -> str | None:
+    """The kind of a FAISS index read from a file, by its structure (what :func:`new_faiss_index`
+    builds, with the inner-product metric); ``None`` for any other structure."""
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    if type(index) is faiss.IndexIVFPQ:
+        return "ivfpq"
+    if type(index) is faiss.IndexIDMap2:
+        inner = type(faiss.downcast_index(index.index))
+        return {faiss.IndexFlatIP: "exact", faiss.IndexHNSWFlat: "hnsw"}.get(inner)
+    return None
+
+
+def describe_faiss(index: faiss.Index) -> str:
+    """``"an index of kind 'hnsw'"`` / ``"a FAISS IndexFlatL2 index, …"`` (one MOON never writes)."""
+    kind = faiss_kind(index)
+    if kind is not None:
+        return f"an index of kind {kind!r}"
+    index = faiss.downcast_index(index)
+    inner = getattr(index, "index", None)
+    name = type(index).__name__ + (f"({type(faiss.downcast_index(inner)).__name__})" if inner is not None else "")
+    return f"a FAISS {name} index, which MOON does not write"
+
+
 def apply_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
     """Set the query-time knobs (``ef_search``, ``nprobe``) that a loaded index may not carry."""
     if kind == "hnsw":

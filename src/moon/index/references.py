@@ -14,6 +14,12 @@ reaching a model hub:
 * a directory saved by ``save_pretrained`` of the ``moon``, ``dual-encoder`` or
   ``pretrained-towers`` family (safetensors), or a transformers Qwen-VL directory (no remote code).
 
+A directory is refused, before anything in it is loaded, when a transformers file in it or in a
+folder inside it (``backbone/``, ``backbone/lm/``, ``processor/`` …) has an ``auto_map``: that key
+names Python code for transformers to import (:func:`check_no_custom_code`), and transformers,
+not told ``trust_remote_code``, would otherwise stop at its interactive "run the custom code?"
+prompt (a hung ``moon serve``) or, answered yes, run it.
+
 Anything else in a manifest (``py:`` specs, ``gme:`` and ``open-clip:`` checkpoints, hub ids, other
 families) is refused with a :class:`~moon.errors.ConfigError` telling the user to pass ``--model``
 themselves if they trust it.
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moon.errors import ConfigError
+from moon.data.safe_open import read_json
+from moon.errors import ConfigError, DataError
 from moon.index.manifest import IndexFormatError
 
 #: families whose saved directories and fresh instances are plain weights (safetensors + JSON)
@@ -34,6 +42,18 @@ SAFE_FAMILIES = ("moon", "dual-encoder", "pretrained-towers")
 #: families that may appear bare (or ``random:SEED``) in a manifest: seeded, built in code
 _SEEDED = ("random", "dual-encoder", "pretrained-towers")
 _DIR_FAMILIES = ("dual-encoder", "pretrained-towers")
+#: the transformers files whose ``auto_map`` makes an Auto class import the checkpoint's own code
+CODE_MAP_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+#: how deep inside a model directory they are looked for (``backbone/lm/config.json`` is 2 deep)
+CODE_MAP_DEPTH = 3
+_CODE_MAP_MAX_DIRS = 256
+_CODE_MAP_MAX_BYTES = 64 << 20
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -71,6 +91,43 @@ def _refuse(spec: str, where: str) -> ConfigError:
     )
 
 
+def _custom_code_files(directory: Path) -> Iterator[Path]:
+    """The :data:`CODE_MAP_FILES` in ``directory`` and in the folders inside it (at most
+    :data:`CODE_MAP_DEPTH` deep, :data:`_CODE_MAP_MAX_DIRS` folders), folders in name order."""
+    pending, seen = [(directory, 0)], 0
+    while pending and seen < _CODE_MAP_MAX_DIRS:
+        folder, depth = pending.pop(0)
+        seen += 1
+        for name in CODE_MAP_FILES:
+            if (folder / name).exists() or (folder / name).is_symlink():
+                yield folder / name
+        if depth < CODE_MAP_DEPTH:
+            try:
+                subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            pending.extend((p, depth + 1) for p in subfolders)
+
+
+def check_no_custom_code(directory: str | os.PathLike, where: str) -> None:
+    """Refuse (:class:`ConfigError`, one line) a model directory named by a data file (``where``)
+    when one of its transformers files has an ``auto_map`` (custom code), before anything loads it.
+    The files are read with the bounded JSON reader; one that cannot be read is refused too."""
+    directory = Path(directory)
+    for path in _custom_code_files(directory):
+        try:
+            data = read_json(path, _CODE_MAP_MAX_BYTES)
+        except DataError as exc:
+            raise ConfigError(f"{where}: names the model directory {directory}, but {exc}") from exc
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ConfigError(
+                f"{where}: names the model directory {directory}, whose {path.relative_to(directory)} has an auto_map "
+                "(custom code, which MOON does not run on a data file's word, nor ask about); if you trust that code, "
+                f"load the model explicitly yourself: --model {str(directory)!r} with your own trust flag "
+                "(--trust-remote-code)"
+            )
+
+
 def _directory_spec(prefix: str, directory: Path, spec: str, where: str) -> str:
     from moon.embedders import saved_family
 
@@ -79,6 +136,7 @@ def _directory_spec(prefix: str, directory: Path, spec: str, where: str) -> str:
         raise ConfigError(f"{where}: {directory} holds a {family!r} model, the manifest says {prefix[:-1]!r}")
     if family is not None and family not in SAFE_FAMILIES:
         raise _refuse(spec, where)
+    check_no_custom_code(directory, where)
     return prefix + str(directory)
 
 

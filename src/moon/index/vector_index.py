@@ -39,7 +39,7 @@ from moon.index.atomic import (
     remove_leftovers,
     write_file,
 )
-from moon.index.kinds import apply_search_params, new_faiss_index
+from moon.index.kinds import apply_search_params, describe_faiss, faiss_kind, new_faiss_index
 from moon.index.manifest import (
     FAISS_FILE,
     FILE_SUFFIX,
@@ -157,10 +157,27 @@ def _read_ids(f: Any, path: Path, rec: dict[str, Any] | None) -> tuple[list[int]
         raise IndexFormatError(f"{path}: unreadable ({exc})") from exc
     schema = {f.name: f.type for f in table.schema}
     if schema.get("label") != pa.int64() or schema.get("id") != pa.string():
-        raise IndexFormatError(f"{path}: expected columns label (int64) and id (string), got {table.schema}")
+        got = ", ".join(f"{f.name} ({f.type})" for f in table.schema) or "no columns"
+        raise IndexFormatError(
+            f"{path}: expected columns label (int64) and id (string), got {got}; restore the index folder or rebuild it"
+        )
     labels, ids = table.column("label").to_pylist(), table.column("id").to_pylist()
-    if None in labels or None in ids:
-        raise IndexFormatError(f"{path}: null labels or ids")
+    for name, values in (("label", labels), ("id", ids)):
+        if None in values:
+            rows = [i for i, v in enumerate(values) if v is None]
+            raise IndexFormatError(
+                f"{path}: {len(rows):,} null {name}{'s' if len(rows) > 1 else ''} (row {rows[0]}"
+                f"{' …' if len(rows) > 1 else ''}); restore the index folder or rebuild it"
+            )
+        first: dict[Any, int] = {}
+        for row, value in enumerate(values):
+            if value in first:
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                raise IndexFormatError(
+                    f"{path}: {name} {shown} appears twice (rows {first[value]} and {row}); "
+                    "restore the index folder or rebuild it"
+                )
+            first[value] = row
     return labels, ids
 
 
@@ -271,17 +288,22 @@ class VectorIndex:
                 seg_recs = [None] if rerank else []
                 names = [FAISS_FILE, IDS_FILE] + ([RERANK_FILE] if rerank else [])
                 handles = [stack.enter_context(_open_data_file(root, n)) for n in names]
-            index = _read_faiss(handles[0], root / (vec_rec["name"] if vec_rec else FAISS_FILE), vec_rec)
-            labels, ids = _read_ids(handles[1], root / (ids_rec["name"] if ids_rec else IDS_FILE), ids_rec)
+            vectors_path = root / (vec_rec["name"] if vec_rec else FAISS_FILE)
+            ids_path = root / (ids_rec["name"] if ids_rec else IDS_FILE)
+            index = _read_faiss(handles[0], vectors_path, vec_rec)
+            if faiss_kind(index) != manifest.kind:  # read before search parameters are applied to it
+                raise IndexFormatError(
+                    f"{vectors_path}: holds {describe_faiss(index)}, but manifest.json says kind {manifest.kind!r} "
+                    "(a mixed-up copy?); restore the index folder or rebuild the index"
+                )
+            labels, ids = _read_ids(handles[1], ids_path, ids_rec)  # one row per label and per id
             if index.ntotal != len(ids) or index.d != dim:
                 raise IndexFormatError(
                     f"{root}: inconsistent index ({index.ntotal} vectors of dim {index.d}, {len(ids)} ids, "
                     f"manifest dim {dim}); rebuild it"
                 )
-            if len(set(labels)) != len(labels) or len(set(ids)) != len(ids):
-                raise IndexFormatError(f"{root}: the id table repeats a label or a product id; rebuild the index")
             if labels and not 0 <= min(labels) <= max(labels) < manifest.next_label:
-                raise IndexFormatError(f"{root}: the id table has labels outside 0 … next_label-1; rebuild the index")
+                raise IndexFormatError(f"{ids_path}: labels outside 0 … next_label-1; rebuild the index")
             segments = []
             for rec, f in zip(seg_recs, handles[2:], strict=True):
                 segments.extend(cls._map_segment(root, manifest, rec, f))

@@ -1,7 +1,8 @@
 """HTTP serving of an index: JSON API (search, embed, products, health, metrics) and a search page.
 
 ``create_app(index_dir, embedder=None, limits=ServeLimits())`` returns a FastAPI app;
-``moon serve INDEX_DIR`` runs it with uvicorn.
+``moon serve INDEX_DIR`` runs it with uvicorn and the protocol of :mod:`moon.serve.server`
+(read deadline, connection limit, strict request framing).
 """
 
 from moon.serve.app import create_app

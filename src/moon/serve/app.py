@@ -5,7 +5,9 @@ Routes: ``GET /`` (search page), ``POST /search``, ``POST /embed``, ``GET /produ
 ``{"error": {"code": <status>, "message": "..."}}``. Product ids are only ever dictionary keys;
 image files are served from the record's path after checking it lies inside the store, and only
 raster types (never SVG, which can carry script); every response says ``X-Content-Type-Options:
-nosniff``. Uploaded images are decoded in a worker thread inside the model-concurrency limit, so
+nosniff``, ``X-Frame-Options: DENY`` and has a CSP with ``frame-ancestors 'none'``
+(:mod:`moon.serve.headers`). Slow clients, connection floods and ambiguous framing are handled by
+the server protocol (:mod:`moon.serve.server`). Uploaded images are decoded in a worker thread inside the model-concurrency limit, so
 decoding never blocks the event loop (health checks answer meanwhile) and at most ``concurrency``
 images are decoded at once.
 """
@@ -31,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from moon import __version__
 from moon.data import ImageLoadError, ProductStore, Query, load_image
@@ -39,6 +42,7 @@ from moon.embedders import Embedder
 from moon.errors import MoonError
 from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
 from moon.serve.body_limit import BodySizeLimit
+from moon.serve.headers import SecurityHeaders, secure_headers
 from moon.serve.limits import ServeLimits
 from moon.serve.metrics import Metrics
 
@@ -67,7 +71,10 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status)
+    # the security headers are set here too: a 500 leaves through Starlette's outermost error
+    # middleware, outside SecurityHeaders
+    headers = {name.decode(): value.decode() for name, value in secure_headers([])}
+    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
 
 
 def _product_urls(product_id: str, n_images: int) -> list[str]:
@@ -250,6 +257,12 @@ def create_app(
         where = ".".join(str(x) for x in first.get("loc", ()))
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # the client left, or the server protocol closed a request whose body was too slow (it
+        # answered the 408 itself): nothing is sent; the status is what /metrics counts
+        return _error(408, "the client closed the connection before sending the whole request")
+
     @app.exception_handler(MoonError)
     async def _moon_error(request: Request, exc: MoonError):
         return _error(400, str(exc))
@@ -266,13 +279,14 @@ def create_app(
         status = 500
         try:
             response = await call_next(request)
-            response.headers["X-Content-Type-Options"] = "nosniff"
             status = response.status_code
             return response
         finally:
             route = request.scope.get("route")
             method = request.method if request.method in METHODS else "OTHER"
             metrics.observe(getattr(route, "path", "(unmatched)"), method, status, time.perf_counter() - start)
+
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so it sees every response above
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from moon.errors import ConfigError
 
+#: the longest timeout accepted (one day): longer ones overflow the lock and timer APIs
+MAX_TIMEOUT_S = 86_400.0
+
+#: integer limits: name → (lowest, highest or None)
+INT_LIMITS: dict[str, tuple[int, int | None]] = {
+    "max_body_bytes": (1, None),
+    "max_pixels": (1, None),
+    "max_text_chars": (1, None),
+    "max_k": (1, 100),
+    "concurrency": (1, None),
+    "max_connections": (1, None),
+}
+#: time limits in seconds: each finite, above 0 and at most MAX_TIMEOUT_S
+SECONDS_LIMITS = ("timeout_s", "read_timeout_s")
+
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask for.
+    """What one request, and the clients together, may ask for.
 
     Attributes:
         max_body_bytes: request body size (uploads included); larger → 413.
@@ -18,6 +35,12 @@ class ServeLimits:
         max_k: results per search (1..max_k; at most 100).
         timeout_s: wall-clock budget of one model/search call; slower → 504.
         concurrency: model calls running at once (others queue, inside their timeout).
+        read_timeout_s: time a client has to send one whole request (headers and body), counted
+            from when the server starts waiting for it; slower → 408 and the connection closed
+            (enforced by the server protocol of :mod:`moon.serve.server`).
+        max_connections: connections open at once; a new one beyond it replaces the connection
+            that has waited longest without a request in progress, or gets a 503 when every
+            connection has one (:mod:`moon.serve.server`).
     """
 
     max_body_bytes: int = 8 * 1024 * 1024
@@ -26,12 +49,28 @@ class ServeLimits:
     max_k: int = 100
     timeout_s: float = 30.0
     concurrency: int = 2
+    read_timeout_s: float = 60.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_pixels", "max_text_chars", "max_k", "concurrency"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
-        if not 1 <= self.max_k <= 100:
-            raise ConfigError(f"serve limit max_k must be between 1 and 100, got {self.max_k}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"serve limit timeout_s must be positive, got {self.timeout_s}")
+        for name, (low, high) in INT_LIMITS.items():
+            value = getattr(self, name)
+            integral = (
+                isinstance(value, numbers.Real)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and float(value).is_integer()
+            )
+            if not integral or value < low or (high is not None and value > high):
+                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ConfigError(f"serve limit {name} must be an integer {bounds}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in SECONDS_LIMITS:
+            value = getattr(self, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(
+                    f"serve limit {name} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:,.0f}, "
+                    f"got {value!r}"
+                )
+            object.__setattr__(self, name, float(value))
