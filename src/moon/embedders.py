@@ -18,6 +18,7 @@ lazily so that importing :mod:`moon` stays cheap.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -114,20 +115,41 @@ def _factory(family: str) -> EmbedderFactory:
 
 
 EMBEDDER_FILE = "embedder.json"
+#: the most bytes of ``embedder.json`` that are read (it holds a config, a few KB)
+MAX_EMBEDDER_JSON_BYTES = 4 << 20
+
+
+def has_embedder_file(path: str | os.PathLike) -> bool:
+    """Whether ``path/embedder.json`` exists in any form (a FIFO or a dangling link too, so that
+    :func:`read_embedder_meta` refuses it with one line instead of the path being taken for a hub id)."""
+    return os.path.lexists(os.path.join(os.fspath(path), EMBEDDER_FILE))
+
+
+def read_embedder_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in ``path/embedder.json``, read with the bounded reader: a file that is not a
+    regular file (a FIFO never blocks), larger than :data:`MAX_EMBEDDER_JSON_BYTES`, nested too
+    deeply, not UTF-8, not JSON or not a JSON object is a one-line :class:`ConfigError` naming it."""
+    from moon.data.safe_open import read_json
+    from moon.errors import DataError
+
+    meta_path = os.path.join(os.fspath(path), EMBEDDER_FILE)
+    try:
+        meta = read_json(meta_path, MAX_EMBEDDER_JSON_BYTES)
+    except DataError as exc:
+        raise ConfigError(f"unreadable saved model: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"unreadable saved model: {meta_path}: not a JSON object ({type(meta).__name__})")
+    family = meta.get("family")
+    if family is not None and not isinstance(family, str):
+        raise ConfigError(f"unreadable saved model: {meta_path}: 'family' is a {type(family).__name__}, expected text")
+    return meta
 
 
 def saved_family(path: str) -> str | None:
     """The family recorded in ``path/embedder.json`` by ``save_pretrained``, if there is one."""
-    import json
-    from pathlib import Path
-
-    meta = Path(path) / EMBEDDER_FILE
-    if not meta.is_file():
+    if not has_embedder_file(path):
         return None
-    try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("family")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{meta}: unreadable ({exc})") from exc
+    return read_embedder_meta(path).get("family")
 
 
 def load_embedder(spec: str, **kwargs: Any) -> Embedder:

@@ -375,3 +375,32 @@ def test_a_damaged_image_hash_cache_is_rebuilt_not_a_traceback(tmp_path, content
     assert cache.sha1(image) == hashlib.sha1(image.read_bytes()).hexdigest()
     cache.save()
     assert ImageHashCache(cache_file).sha1(image) == cache.sha1(image)  # rebuilt and readable again
+
+
+# --- run.device: refused at start, before any work ----------------------------------------------
+
+
+def test_an_unknown_device_is_a_one_line_error_before_any_work(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = _cli_error(
+        capsys, "train", "--preset", "moon-tiny", "--data", str(store), "--out", str(out), "run.device=tpu9"
+    )
+    assert len(err.strip().splitlines()) == 1 and "run.device: must be auto, cpu or cuda, got 'tpu9'" in err
+    assert not out.exists()
+
+
+def test_cuda_without_cuda_is_a_one_line_error_before_any_work(store, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    err = _cli_error(
+        capsys, "train", "--preset", "moon-tiny", "--data", str(store), "--out", str(out), "run.device=cuda"
+    )
+    assert len(err.strip().splitlines()) == 1 and "run.device=cuda: this machine has no usable CUDA device" in err
+    assert not out.exists()
+    # the library path too, and the store is untouched
+    before = sorted((p.name, p.stat().st_size) for p in store.iterdir())
+    with pytest.raises(ConfigError, match="run.device=cuda"):
+        train(_config(store, out, device="cuda"))
+    assert not out.exists()
+    assert sorted((p.name, p.stat().st_size) for p in store.iterdir()) == before

@@ -12,10 +12,16 @@ import click
     "n_products",
     default=2000,
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Number of product listings.",
+    type=int,
+    help="Number of product listings (1 to 1,000,000).",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed → byte-identical store).")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Random seed, 0 to 4294967295 (same seed → byte-identical store).",
+)
 @click.option(
     "--profile",
     default="default",
@@ -32,8 +38,15 @@ def synth(out: str, n_products: int, seed: int, profile: str, overwrite: bool, q
     7 visible attribute types, sibling variants and duplicate listings; text, image and multimodal
     queries with purchases over a year; true product boxes in boxes.parquet (source=truth).
     """
+    from moon.errors import ConfigError
     from moon.world import synthesize
+    from moon.world.synth import MAX_PRODUCTS, MAX_SEED
 
+    # out of range: one line naming the option, before anything is written
+    if not 1 <= n_products <= MAX_PRODUCTS:
+        raise ConfigError(f"--products: must be in [1, {MAX_PRODUCTS:,}], got {n_products:,}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: must be in [0, {MAX_SEED:,}], got {seed:,}")
     store = synthesize(
         out, n_products=n_products, seed=seed, profile=profile, show_progress=not quiet, overwrite=overwrite
     )

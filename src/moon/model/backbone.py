@@ -24,6 +24,19 @@ SUPPORTED = {
 }
 
 
+def hf_reason(exc: BaseException) -> str:
+    """A transformers loading error as one short line. Its messages span lines and point at hub
+    URLs; the one for a checkpoint that needs its own Python code (``auto_map`` in its config,
+    refused because MOON passes ``trust_remote_code=False``) is put in MOON's words."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "trust_remote_code" in text:
+        return (
+            "it needs its own Python code (auto_map in its config), which MOON never runs when loading "
+            "a model; load it with a family that takes --trust-remote-code, or use a standard architecture"
+        )
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
 def _classes(model_type: str):
     import transformers
 
@@ -72,11 +85,11 @@ def checkpoint_model_type(name_or_path: str) -> str:
     from transformers import AutoConfig
 
     try:
-        return str(AutoConfig.from_pretrained(str(name_or_path)).model_type)
+        return str(AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False).model_type)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{name_or_path}: not a preset ({', '.join(PRESETS)}), not a saved MOON directory and not a loadable "
-            f"transformers checkpoint ({exc})"
+            f"transformers checkpoint ({hf_reason(exc)})"
         ) from exc
 
 
@@ -85,14 +98,16 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype | None = None) -> nn.
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{name_or_path}: not a preset ({', '.join(PRESETS)}), not a saved MOON directory and not a loadable "
-            f"Qwen-VL checkpoint ({exc})"
+            f"Qwen-VL checkpoint ({hf_reason(exc)})"
         ) from exc
     _, model_cls = _classes(config.model_type)
-    return model_cls.from_pretrained(str(name_or_path), dtype=dtype or torch.float32, attn_implementation="sdpa")
+    return model_cls.from_pretrained(
+        str(name_or_path), dtype=dtype or torch.float32, attn_implementation="sdpa", trust_remote_code=False
+    )
 
 
 def language_model(backbone: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moon.data import Product, Query
-from moon.embedders import EMBEDDER_FILE, register_embedder
+from moon.embedders import EMBEDDER_FILE, has_embedder_file, read_embedder_meta, register_embedder
 from moon.errors import ConfigError
 from moon.model.backbone import SUPPORTED as SUPPORTED_QWEN
 from moon.model.backbone import (
@@ -122,7 +122,7 @@ class MoonEmbedder(nn.Module):
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         path = Path(name_or_path)
-        if (path / EMBEDDER_FILE).is_file():
+        if has_embedder_file(path):
             emb = cls._load_saved(path, overrides)
         elif name_or_path in PRESETS:
             preset = PRESETS[name_or_path]
@@ -158,12 +158,9 @@ class MoonEmbedder(nn.Module):
     def _load_saved(cls, path: Path, overrides: dict[str, Any]) -> MoonEmbedder:
         from safetensors.torch import load_file
 
-        try:
-            meta = json.loads((path / EMBEDDER_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path / EMBEDDER_FILE}: unreadable ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("family") != "moon":
-            family = meta.get("family") if isinstance(meta, dict) else None
+        meta = read_embedder_meta(path)
+        if meta.get("family") != "moon":
+            family = meta.get("family")
             raise ConfigError(f"{path / EMBEDDER_FILE}: family {family!r} is not 'moon'")
         if not isinstance(meta.get("config"), dict):
             raise ConfigError(f"{path / EMBEDDER_FILE}: no 'config' mapping")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moon.model.backbone import backbone_config_from_dict, base_model, build_backbone, language_model
+from moon.model.backbone import backbone_config_from_dict, base_model, build_backbone, hf_reason, language_model
 from moon.model.config import ASPECTS, MoonConfig
 from moon.model.inputs import InputBuilder, Markers, QwenImageInputs
 
@@ -155,7 +155,12 @@ class QwenVLFamily(BackboneFamily):
     def build_saved(self, directory: Path, config: MoonConfig) -> nn.Module:
         from transformers import AutoConfig
 
-        bcfg = AutoConfig.from_pretrained(str(directory / BACKBONE_DIR))
+        from moon.errors import ConfigError
+
+        try:
+            bcfg = AutoConfig.from_pretrained(str(directory / BACKBONE_DIR), trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{directory / BACKBONE_DIR}: not a loadable backbone config ({hf_reason(exc)})") from exc
         return build_backbone(bcfg, seed=config.seed)
 
     def explain(self, emb: MoonEmbedder, product: Product) -> list[np.ndarray]:

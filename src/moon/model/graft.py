@@ -33,6 +33,7 @@ from torch import nn
 
 from moon.data import load_image
 from moon.errors import ConfigError
+from moon.model.backbone import hf_reason
 from moon.model.config import GraftConfig
 from moon.model.image_encoders import ImageEncoder, build_image_encoder
 
@@ -383,9 +384,11 @@ def load_lm(spec: GraftConfig, *, seed: int) -> nn.Module:
     else:
         source = _lm_source(spec)
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"graft.lm={spec.lm!r}: not a loadable transformers language model ({exc})") from exc
+            raise ConfigError(
+                f"graft.lm={spec.lm!r}: not a loadable transformers language model ({hf_reason(exc)})"
+            ) from exc
         if getattr(config, "is_encoder_decoder", False):
             raise ConfigError(f"graft.lm={spec.lm!r}: an encoder-decoder model; the graft needs a decoder-only LM")
         from transformers.utils import logging as hf_logging
@@ -393,7 +396,13 @@ def load_lm(spec: GraftConfig, *, seed: int) -> nn.Module:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            lm = _base_lm(AutoModel.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa"))
+            lm = _base_lm(
+                AutoModel.from_pretrained(
+                    source, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+                )
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"graft.lm={spec.lm!r}: weights not loadable ({hf_reason(exc)})") from exc
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -411,9 +420,9 @@ def load_tokenizer_for(spec: GraftConfig, saved: str | os.PathLike | None = None
 
     source = str(saved) if saved is not None else _lm_source(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"graft: no tokenizer at {source} ({exc})") from exc
+        raise ConfigError(f"graft: no tokenizer at {source} ({hf_reason(exc)})") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -444,7 +453,10 @@ def build_saved_graft(spec: GraftConfig, directory: Path) -> GraftModel:
     lm_dir = directory / LM_DIR
     if not (lm_dir / "config.json").is_file():
         raise ConfigError(f"{directory}: {LM_DIR}/config.json is missing (not a saved graft backbone)")
-    config = AutoConfig.from_pretrained(str(lm_dir))
+    try:
+        config = AutoConfig.from_pretrained(str(lm_dir), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{lm_dir}: not a loadable language-model config ({hf_reason(exc)})") from exc
     config._attn_implementation = "sdpa"
     lm = _base_lm(AutoModel.from_config(config))
     encoder_name = spec.image_encoder

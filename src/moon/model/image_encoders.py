@@ -85,13 +85,20 @@ class HFVisionTower(ImageEncoder):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
+        from moon.model.backbone import hf_reason
+
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"image encoder hf:{source}: not a loadable transformers vision model ({exc})") from exc
+            raise ConfigError(
+                f"image encoder hf:{source}: not a loadable transformers vision model ({hf_reason(exc)})"
+            ) from exc
         vision_cfg = getattr(config, "vision_config", config)
         if pretrained:
-            model = AutoModel.from_pretrained(source, dtype=torch.float32)
+            try:
+                model = AutoModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"image encoder hf:{source}: weights not loadable ({hf_reason(exc)})") from exc
         else:
             model = AutoModel.from_config(config)
         self.model = getattr(model, "vision_model", model)
@@ -121,10 +128,13 @@ class HFVisionTower(ImageEncoder):
 def _processor_stats(source: str, mean, std):
     cfg = Path(source) / "preprocessor_config.json"
     if cfg.is_file():
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
+        from moon.data.safe_open import read_json
+        from moon.errors import DataError
+
+        try:  # bounded: a huge or deeply nested file is ignored like a missing one
+            data = read_json(cfg, 1 << 20)
             return tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
-        except (ValueError, OSError):
+        except (DataError, ValueError, TypeError, AttributeError):
             pass
     return mean, std
 

@@ -63,7 +63,7 @@ def load_tokenizer(path: str | os.PathLike | None):
         if local.is_dir() and not any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             return qwen2_tokenizer()
         try:
-            return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except (OSError, ValueError):
             return qwen2_tokenizer()
     return qwen2_tokenizer()

@@ -458,3 +458,11 @@ def validate_config(config: TrainConfig, *, check_paths: bool = False) -> None:
             (Path(d.dir) / "manifest.json").is_file(), f"data.dir: {d.dir} is not a product store (no manifest.json)"
         )
         _check(r.out is not None, "run.out: no run directory given (use --out RUN_DIR or run.out=DIR)")
+        if r.device == "cuda":  # checked at start (a config may be written on another machine)
+            import torch
+
+            _check(
+                torch.cuda.is_available(),
+                "run.device=cuda: this machine has no usable CUDA device (torch.cuda.is_available() is false); "
+                "use run.device=cpu or auto",
+            )

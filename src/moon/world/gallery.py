@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from moon.data import Box, Product, ProductStore, Query
+from moon.data import Box, Product, ProductStore, Query, load_image
 from moon.errors import ConfigError
 from moon.world.appearance import font
 
@@ -38,8 +38,7 @@ def _boxes_by_image(store: ProductStore, wanted: set[str]) -> dict[str, list[Box
 
 def _thumb(store: ProductStore, path: str, boxes: list[Box]) -> Image.Image:
     """The image at ``THUMB`` px with every box drawn (truth solid, detectors thin)."""
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+    img = load_image(path)  # bounded and safe: a FIFO or huge file is a one-line error, never a hang
     s = THUMB / max(img.size)
     img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BILINEAR)
     draw = ImageDraw.Draw(img)

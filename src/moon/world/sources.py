@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import re
 import warnings
 from collections import OrderedDict
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moon.errors import MoonError
+from moon.data.images import max_image_bytes, read_image_bytes
+from moon.data.safe_open import open_regular
+from moon.errors import DataError, MoonError
 from moon.world.taxonomy import EXCLUDE_FILES, EXCLUDE_TOKENS, NOUN_PATHS, PRODUCT_FOLDERS, noun_of_tokens
 
 OPENCLIPART_ROOT = Path("/usr/share/openclipart/png")
@@ -105,9 +108,10 @@ def clipart_models(root: str = str(OPENCLIPART_ROOT)) -> tuple[ClipartModel, ...
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(f) as im:
+                    # opened the safe way (a FIFO is refused, never waited on); only the header is read
+                    with open_regular(f, max_image_bytes(), what="an image") as fh, Image.open(fh) as im:
                         w, h = im.size
-            except (OSError, Image.DecompressionBombError):
+            except (OSError, Image.DecompressionBombError, DataError):
                 continue
             if w * h > MAX_SOURCE_PIXELS or min(w, h) < 24 or max(w, h) > 6 * min(w, h):
                 continue
@@ -156,7 +160,11 @@ class SpriteCache:
     @staticmethod
     def _load(path: str) -> np.ndarray:
         try:
-            with Image.open(path) as im:
+            data = read_image_bytes(path)  # bounded; a FIFO, device or directory is refused without blocking
+        except DataError as exc:
+            raise WorldSourceError(f"unreadable drawing: {exc}") from exc
+        try:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     rgba = np.asarray(im.convert("RGBA")).copy()
@@ -231,15 +239,16 @@ def background_photos(darknet_dir: str = str(DARKNET_DATA)) -> tuple[tuple[str, 
     """Real photos used as scene backgrounds: ``(name, RGB array)`` pairs, shortest side ≤ 480 px."""
     found: list[tuple[str, np.ndarray]] = []
     sk = _skimage_data_dir()
-    for name in _SKIMAGE_PHOTOS + _SKIMAGE_TEXTURES:
-        if sk is not None and (sk / name).is_file():
-            with Image.open(sk / name) as im:
-                found.append((f"skimage/{name}", _fit(im, BACKGROUND_SIDE)))
-    for name in _DARKNET_PHOTOS:
-        p = Path(darknet_dir) / name
-        if p.is_file():
-            with Image.open(p) as im:
-                found.append((f"darknet/{name}", _fit(im, BACKGROUND_SIDE)))
+    candidates = [(f"skimage/{name}", sk / name) for name in _SKIMAGE_PHOTOS + _SKIMAGE_TEXTURES if sk is not None]
+    candidates += [(f"darknet/{name}", Path(darknet_dir) / name) for name in _DARKNET_PHOTOS]
+    for label, path in candidates:
+        if not path.is_file():
+            continue
+        try:  # read the safe way: a file swapped for a FIFO or grown huge is skipped, never waited on
+            with Image.open(io.BytesIO(read_image_bytes(path))) as im:
+                found.append((label, _fit(im, BACKGROUND_SIDE)))
+        except (OSError, DataError, Image.DecompressionBombError) as exc:
+            warnings.warn(f"background photo skipped: {exc}", stacklevel=2)
     if not found:
         raise WorldSourceError(
             "no background photos found: install scikit-image (pip install scikit-image) "

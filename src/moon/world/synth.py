@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +37,12 @@ REGIONS = ("CN-East", "CN-South", "CN-North", "CN-West", "SEA", "EU", "NA")
 REGION_WEIGHTS = (0.3, 0.22, 0.15, 0.08, 0.12, 0.07, 0.06)
 YEAR_START = 1704067200  # 2024-01-01T00:00:00Z
 YEAR_DAYS = 366
+#: the most products one world may have (a typo such as 2e11 would otherwise run for days)
+MAX_PRODUCTS = 1_000_000
+#: seeds are 32-bit, as ``run.seed`` of a training config
+MAX_SEED = 2**32 - 1
+#: the most worker processes ``synthesize(workers=…)`` starts
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ class WorldParams:
     image_size: int = shots.SIDE
 
     def check(self) -> None:
-        if self.n_products < 1:
-            raise ConfigError(f"n_products must be at least 1 (got {self.n_products})")
+        if not 1 <= self.n_products <= MAX_PRODUCTS:
+            raise ConfigError(f"n_products must be in [1, {MAX_PRODUCTS:,}] (got {self.n_products:,})")
         if self.profile not in PROFILES:
             raise ConfigError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
         for name in ("fashion_share", "duplicate_rate", "held_out_leaf_fraction", "cold_product_fraction"):
@@ -416,19 +424,48 @@ def synthesize(
     The same arguments give a byte-identical store, whatever ``workers`` is (processes rendering in
     parallel; default: up to 2). ``params`` overrides the finer knobs (its ``n_products`` and
     ``profile`` are replaced by the arguments).
+
+    With ``overwrite`` an existing store is replaced only once the new world is complete: it is
+    built in a hidden sibling folder (``.NAME.moon-synth-…``) and swapped into place, so a failure
+    midway (an error, Ctrl-C) leaves the old store as it was.
     """
+    # every argument is checked before anything is written (or an old world replaced)
+    for name, value in (("n_products", n_products), ("seed", seed), ("workers", workers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ConfigError(f"{name} must be a whole number (got {value!r})")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, {MAX_SEED:,}] (got {seed:,})")
     base = params or WorldParams()
     params = WorldParams(**{**asdict(base), "n_products": int(n_products), "profile": profile})
     params.check()
     # automatic: up to 2 processes, none for tiny worlds; an explicit ``workers`` is obeyed
     n_workers = (_default_workers() if n_products >= 32 else 1) if workers is None else int(workers)
-    if n_workers < 1:
-        raise ConfigError(f"workers must be at least 1 (got {workers})")
+    if not 1 <= n_workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be in [1, {MAX_WORKERS}] (got {workers})")
     root = Path(out_dir)
     if (root / "manifest.json").exists() and not overwrite:
         raise StoreError(f"{root}: a store already exists here (use --overwrite / overwrite=True to replace it)")
-    if overwrite and (root / "manifest.json").exists() and (root / "images").is_dir():
-        shutil.rmtree(root / "images")
+    if not (overwrite and (root / "manifest.json").exists()):
+        _write_world(root, params, seed, n_workers, show_progress, overwrite=overwrite)
+        return ProductStore(root)
+    # replacing a store: build the new world next to it, swap it in only when it is complete
+    real = Path(os.path.realpath(root))
+    staging = real.parent / f".{real.name}{SYNTH_STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        _write_world(staging, params, seed, n_workers, show_progress, overwrite=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the old store was never touched
+        raise
+    _swap_in(staging, real)
+    return ProductStore(root)
+
+
+#: marks the hidden sibling folders a replacing ``synthesize`` builds in (and moves the old world to)
+SYNTH_STAGING_MARK = ".moon-synth-"
+
+
+def _write_world(root: Path, params: WorldParams, seed: int, n_workers: int, show_progress: bool, *, overwrite: bool):
+    """Render the world and write its store into ``root`` (images straight into ``root/images``)."""
     world = _World(root, params, seed)
     from moon import __version__
 
@@ -462,4 +499,39 @@ def synthesize(
         if pool is not None:
             _close_pool(pool)
         bar.close()
-    return ProductStore(root)
+
+
+def _swap_in(new: Path, root: Path) -> None:
+    """Put the complete store ``new`` in the place of the store ``root`` (two renames), keep what
+    the old folder held besides the store (the old ``images/`` and tables are dropped), then
+    delete the old world. If a rename fails, the old store is put back (or its place is named)."""
+    old = root.parent / f".{root.name}{SYNTH_STAGING_MARK}old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.chmod(new, stat.S_IMODE(os.stat(root).st_mode))
+        os.replace(root, old)
+    except OSError as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        raise StoreError(f"{root}: could not move the old store aside ({exc}); it is unchanged") from exc
+    try:
+        os.replace(new, root)
+    except OSError as exc:
+        try:
+            os.replace(old, root)
+        except OSError:
+            raise StoreError(
+                f"{root}: could not move the new store into place ({exc}); the old store is in {old}, the new in {new}"
+            ) from exc
+        shutil.rmtree(new, ignore_errors=True)
+        raise StoreError(
+            f"{root}: could not move the new store into place ({exc}); the old store is unchanged"
+        ) from exc
+    for entry in sorted(old.iterdir()):  # the user's own files in the folder stay
+        target = root / entry.name
+        if entry.name != "images" and not (target.exists() or target.is_symlink()):
+            try:
+                os.replace(entry, target)
+            except OSError as exc:
+                raise StoreError(
+                    f"{root}: the new store is in place, but {entry} could not be moved back ({exc})"
+                ) from exc
+    shutil.rmtree(old, ignore_errors=True)
