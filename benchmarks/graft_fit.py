@@ -75,6 +75,16 @@ VARIANTS: dict[str, ModelRun] = {
     "smol-tau-learn": _smol("smol-tau-learn", **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0},
                                                   "negatives.queue_size": 256, "negatives.queue_max_age": 8,
                                                   "loss.learn_temperature": True}),
+    # the text→product gap (claims issue, part 1): equal text budgets first (moon-smol keeps 64
+    # text tokens, the two-tower 128), then the LM depth kept
+    "smol-text128": _smol("smol-text128", {"max_text_tokens": 128},
+                          **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
+    "smol-keep12": _smol("smol-keep12", {"graft": {"keep_layers": 12}, "moe_layers": [-3, -2, -1]},
+                         **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
+    "two-tower-text64": ModelRun("two-tower-text64", "two-tower", overrides={"max_text_tokens": 64}, crops=False,
+                                 train_overrides={**BF16, "optim.lr": 1e-4, "optim.lr_scale": {"head": 10.0}}),
+    # the real bar for MOON's text side: MiniLM + EfficientNet features with trained heads
+    "pretrained-towers": ModelRun("pretrained-towers", "pretrained-towers", crops=False, train_overrides=dict(BF16)),
     # the equal-start baseline (same image encoder + LM) and the floor
     "two-tower": ModelRun("two-tower", "two-tower", crops=False,
                           train_overrides={**BF16, "optim.lr": 1e-4, "optim.lr_scale": {"head": 10.0}}),

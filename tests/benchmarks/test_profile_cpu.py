@@ -81,7 +81,11 @@ def test_quick_run_writes_every_row_and_rows_sum_to_each_total(tmp_path, capsys)
     n_images = saved["separately_measured"]["images"]
     assert n_images > 0 and cold["details"]["images_encoded"] == n_images  # cold: every image through the encoder
     assert warm["details"]["images_encoded"] == 0 and train["details"]["images_encoded"] == 0  # warm cache
-    assert all(rows["encode_cold"][k] > 0 for k in ("decode", "preprocess", "image_encoder", "input_building"))
+    assert all(rows["encode_cold"][k] > 0 for k in ("decode", "preprocess", "image_encoder"))
+    # input building is a residual (the build gaps less the separately timed decode and preprocess):
+    # on a loaded machine it can come out below 0, and is then shown as 0 with a note saying so
+    building = rows["encode_cold"]["input_building"]
+    assert building > 0 or (building == 0 and any("input_building" in n for n in cold["details"]["notes"]))
     assert all(rows["encode_warm"][k] == 0 for k in ("decode", "preprocess", "image_encoder"))
     assert cold["details"]["window_attribution"] and warm["details"]["window_attribution"]
     assert saved["config"]["images_with_crops"] > 0

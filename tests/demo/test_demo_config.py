@@ -191,3 +191,76 @@ def test_training_rows_tell_learning_chance_and_collapse_apart(tmp_path):
     assert by["dead"][7] == "10"  # no warm-up recorded: the 10th collapsed step, where the trainer warns
     assert header[8] == "relapsed at step"
     assert by["old"][6] == "n/a" and by["old"][-1] == "at chance"
+
+
+def _rankings(path, hits, n=40):
+    """A rankings.jsonl of text2product where the first ``hits`` of ``n`` queries find their product."""
+    rows = []
+    for i in range(n):
+        ranked = [f"p{i}"] + [f"x{j}" for j in range(9)] if i < hits else [f"x{j}" for j in range(10)]
+        rows.append({"task": "text2product", "query_id": f"q{i}", "ranked_product_ids": ranked,
+                     "relevant_product_ids": [f"p{i}"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_variants_are_compared_with_full_by_queries_and_by_seeds(tmp_path):
+    from moon.demo.ablate import compare_to_baseline, comparison_lines
+
+    hits = {"full": [36, 38, 37], "dense": [20, 22, 18], "learned-router": [40, 40, 39], "with-queue": [36, 38, 37]}
+    scores, rankings = {}, {}
+    for variant, per_seed in hits.items():
+        for seed, h in enumerate(per_seed):
+            path = _rankings(tmp_path / f"{variant}-{seed}.jsonl", h)
+            scores.setdefault(variant, []).append({"text2product R@10": h / 40, "classification acc": 0.5})
+            rankings.setdefault(variant, []).append(path)
+    cmp = compare_to_baseline(scores, rankings, n_resamples=500)
+    assert set(cmp) == {"dense", "learned-router", "with-queue"}
+    dense = cmp["dense"]["text2product R@10"]
+    # the difference of the means: (60 - 111) / 120 queries
+    assert dense["difference"] == pytest.approx((60 - 111) / 120)
+    assert dense["queries"]["n"] == 120 and dense["seeds"]["n"] == 3
+    assert dense["queries"]["ci95"][1] < 0 and dense["seeds"]["ci95"][1] < 0
+    assert dense["claim"] == "supported"  # full beats the variant without MoE, by queries and by seeds
+    assert cmp["learned-router"]["text2product R@10"]["claim"] in ("contradicted", "inconclusive")
+    assert cmp["learned-router"]["text2product R@10"]["difference"] > 0
+    same = cmp["with-queue"]["text2product R@10"]
+    assert same["difference"] == 0 and same["claim"] == "inconclusive"
+    # a metric without per-query rankings is compared over seeds only
+    assert set(cmp["dense"]["classification acc"]) == {"difference", "claim", "seeds"}
+    lines = "\n".join(comparison_lines(cmp, ["text2product R@10", "classification acc"]))
+    assert "| dense | -42.5 q [" in lines and "**supported**" in lines
+
+
+def test_with_queue_claims_the_other_direction():
+    from moon.demo.ablate import compare_to_baseline
+
+    scores = {"full": [{"m": 0.5}, {"m": 0.52}, {"m": 0.49}], "with-queue": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}],
+              "no-hard": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}]}
+    cmp = compare_to_baseline(scores)
+    assert cmp["with-queue"]["m"]["claim"] == "supported"  # the queue helps: the variant is better
+    assert cmp["no-hard"]["m"]["claim"] == "contradicted"  # removing hard negatives helped: against the paper
+
+
+def test_a_tiny_ablation_runs_end_to_end_and_compares_with_full(tmp_path):
+    from moon.demo.ablate import run_ablation
+
+    cfg = AblationConfig(
+        spec="moon-graft-tiny",
+        train_overrides={},
+        seeds=[0, 1],
+        variants=["full", "dense"],
+        demo=DemoConfig(
+            models=[], products=40, detector_epochs=1, detector_max_images=40, steps=2, batch_size=4,
+            eval_max_queries=20,
+        ),
+    )
+    md = run_ablation(tmp_path / "out", cfg, log=lambda m: None)
+    data = json.loads((tmp_path / "out" / "ablation.json").read_text(encoding="utf-8"))
+    assert set(data["summary"]) == {"full", "dense"} and all(len(v) == 2 for v in data["runs"].values())
+    row = data["vs_full"]["dense"]
+    retrieval = [m for m in row if m.endswith("R@10") and "queries" in row[m]]
+    assert retrieval, row  # per-query intervals came from each run's rankings.jsonl
+    assert all(row[m]["seeds"]["n"] == 2 for m in row)
+    assert "## Against full" in md.read_text(encoding="utf-8")
+    assert list((tmp_path / "out" / "feature-cache").rglob("*.npy"))  # features kept for the next run

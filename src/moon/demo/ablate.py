@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from moon.bench.report import RANKINGS_FILE
 from moon.demo.pipeline import PRETRAINED_LR, DemoConfig, ModelRun, _detector, _evaluate, _slug, _train, _world
 from moon.demo.report import RETRIEVAL, TRAINING_HEALTH_NOTE, markdown_table, training_rows
 from moon.demo.stages import StageRunner
@@ -39,6 +40,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "with-queue": {"train_overrides": {"negatives.queue_size": 256, "negatives.queue_max_age": 2}},
     "in-batch-only": {"train_overrides": {"negatives.hard": 0, "negatives.spatial": False, "negatives.queue_size": 0}},
 }
+
+#: the paper's claim each variant tests: +1 "full is better than the variant" (the removed idea
+#: helps), -1 "the variant is better than full" (the added idea helps)
+CLAIM_SIGN = {"with-queue": -1}
 
 #: what each variant is expected to hurt, after the paper (directions only)
 EXPECTED = {
@@ -159,6 +164,7 @@ def _run_variants(out: Path, cfg: AblationConfig, log: Callable[[str], None]) ->
         after=[world],
     )
     scores: dict[str, list[dict[str, float]]] = {}
+    rankings: dict[str, list[Path]] = {}
     trained_runs: dict[str, Any] = {}
     for variant in cfg.variants:
         run = _run_for(variant, cfg.spec, cfg.overrides, cfg.train_overrides)
@@ -187,8 +193,80 @@ def _run_variants(out: Path, cfg: AblationConfig, log: Callable[[str], None]) ->
             )
             res = json.loads(Path(evaluated.outputs["results"]).read_text(encoding="utf-8"))
             scores.setdefault(variant, []).append(summary_scores(res))
+            rankings.setdefault(variant, []).append(Path(evaluated.outputs["results"]).parent / RANKINGS_FILE)
             trained_runs[tag] = trained
-    return write_ablation(out, cfg, scores, health=training_rows(trained_runs))
+    comparisons = compare_to_baseline(scores, rankings) if "full" in scores else None
+    return write_ablation(out, cfg, scores, health=training_rows(trained_runs), comparisons=comparisons)
+
+
+def compare_to_baseline(
+    scores: dict[str, list[dict[str, float]]],
+    rankings: dict[str, list[Path]] | None = None,
+    baseline: str = "full",
+    *,
+    n_resamples: int = 2000,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant → metric → the difference ``variant − baseline`` with two 95 % intervals and the
+    paper's claim read from them.
+
+    Runs are paired by position (the i-th seed of each variant). ``seeds``: the paired t-interval over
+    seeds (:func:`moon.bench.stats.paired_seeds`: training noise; undefined for one seed).
+    ``queries`` (retrieval metrics, when ``rankings`` holds each run's ``rankings.jsonl``): the paired
+    bootstrap over the (seed, query) pairs pooled over seeds (:func:`moon.bench.stats.paired_bootstrap`:
+    the noise of a finite test set). ``claim`` is :func:`moon.bench.stats.verdict` for the paper's
+    direction (:data:`CLAIM_SIGN`), ``supported``/``contradicted`` only when every interval available
+    excludes 0 on the same side, else ``inconclusive``."""
+    from moon.bench.stats import align, paired_bootstrap, paired_seeds, per_query_scores, verdict
+
+    base = scores[baseline]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, runs in scores.items():
+        if variant == baseline:
+            continue
+        n = min(len(runs), len(base))
+        sign = CLAIM_SIGN.get(variant, 1)
+        out[variant] = {}
+        for metric in sorted({m for r in runs[:n] for m in r} & {m for r in base[:n] for m in r}):
+            # seeds where both runs have the metric (a task without test queries has none)
+            pairs = [
+                (i, runs[i].get(metric), base[i].get(metric))
+                for i in range(n)
+                if _finite(runs[i].get(metric)) and _finite(base[i].get(metric))
+            ]
+            if not pairs:
+                continue
+            a = [x for _, x, _ in pairs]
+            b = [y for _, _, y in pairs]
+            tests = {"seeds": paired_seeds(a, b)} if len(pairs) >= 2 else {}
+            task = metric[: -len(" R@10")] if metric.endswith(" R@10") else None
+            if task and rankings and len(rankings.get(variant, [])) >= n and len(rankings.get(baseline, [])) >= n:
+                pa, pb = [], []
+                for i, _, _ in pairs:
+                    x, y = align(
+                        per_query_scores(rankings[variant][i], task), per_query_scores(rankings[baseline][i], task)
+                    )
+                    pa.append(x)
+                    pb.append(y)
+                tests["queries"] = paired_bootstrap(np.concatenate(pa), np.concatenate(pb), n_resamples=n_resamples)
+            reads = set()
+            for t in tests.values():  # t is of variant − baseline; the claim reads baseline − variant when sign is +1
+                claim_test = replace(t, difference=-sign * t.difference, ci95=_signed(t.ci95, -sign))
+                reads.add(verdict(claim_test))
+            claim = reads.pop() if len(reads) == 1 and tests else "inconclusive"
+            out[variant][metric] = {
+                "difference": float(np.mean(a) - np.mean(b)),
+                "claim": claim,
+                **{k: {"ci95": list(t.ci95), "p": t.p_value, "n": t.n} for k, t in tests.items()},
+            }
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and bool(np.isfinite(x))
+
+
+def _signed(ci: tuple[float, float], sign: int) -> tuple[float, float]:
+    return ci if sign > 0 else (-ci[1], -ci[0])
 
 
 def aggregate(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -207,6 +285,35 @@ def aggregate(scores: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, 
     return table
 
 
+def comparison_lines(comparisons: dict[str, dict[str, dict[str, Any]]], metrics: list[str]) -> list[str]:
+    """The Markdown section of :func:`compare_to_baseline`: one row per variant, one cell per metric."""
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if not c:
+            return "–"
+        parts = [f"{100 * c['difference']:+.1f}"]
+        for key, label in (("queries", "q"), ("seeds", "s")):
+            if key in c:
+                lo, hi = c[key]["ci95"]
+                parts.append(f"{label} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        return " ".join(parts) + f" **{c['claim']}**"
+
+    lines = [
+        "## Against full (percentage points, variant − full)",
+        "",
+        "Each cell: the difference of the means, its 95 % intervals — q: paired bootstrap over the test queries "
+        "of every seed pooled (test-set noise), s: paired t over seeds (training noise) — and the paper's claim "
+        "for that variant read from them (supported or contradicted only when every interval excludes 0 on the "
+        "same side). The claim is that full beats a variant that removes an idea, and that with-queue beats full.",
+        "",
+        "| variant | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for variant, row in comparisons.items():
+        lines.append(f"| {variant} | " + " | ".join(cell(row.get(m)) for m in metrics) + " |")
+    return lines
+
+
 def _seeds(cfg: AblationConfig) -> str:
     n = len(cfg.seeds)
     return f"{n} seed" if n == 1 else f"{n} seeds"
@@ -217,6 +324,7 @@ def write_ablation(
     cfg: AblationConfig,
     scores: dict[str, list[dict[str, float]]],
     health: tuple[list[str], list[list[str]]] | None = None,
+    comparisons: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> Path:
     """Write ablation.json, ablation.md (scores, then ``health``: the training-health table of
     :func:`moon.demo.report.training_rows`, one row per run) and ablation.png."""
@@ -230,7 +338,10 @@ def write_ablation(
         {m for v in table.values() for m in v}, key=lambda m: (m not in [f"{t} R@10" for t in RETRIEVAL], m)
     )
     (out / "ablation.json").write_text(
-        json.dumps({"spec": cfg.spec, "seeds": cfg.seeds, "runs": scores, "summary": table}, indent=2), encoding="utf-8"
+        json.dumps(
+            {"spec": cfg.spec, "seeds": cfg.seeds, "runs": scores, "summary": table, "vs_full": comparisons}, indent=2
+        ),
+        encoding="utf-8",
     )
     lines = [
         f"# Ablation of {cfg.spec} on the product world ({_seeds(cfg)}, mean ± std, %)",
@@ -242,6 +353,8 @@ def write_ablation(
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" if m in row else "–" for m in metrics]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Expected from the paper: " + "; ".join(f"{k} hurts {v}" for k, v in EXPECTED.items()) + "."]
+    if comparisons:
+        lines += ["", *comparison_lines(comparisons, metrics)]
     if health and health[1]:
         collapsed = sum(r[-1] == "collapsed" for r in health[1])
         lines += [
