@@ -66,3 +66,41 @@ def test_policy_change_discards_stale_parts(tiny_store):
         run_detection(tiny_store.root, SaliencyDetector(), chunk_size=2, on_image=_stop_after(4), show_progress=False)
     report = run_detection(tiny_store.root, SaliencyDetector(), policy=CropPolicy(pad=0.2), show_progress=False)
     assert report.resumed == 0
+
+
+def test_a_batching_detector_sees_images_in_batches_with_the_same_boxes(tiny_store, tmp_path):
+    import shutil
+
+    import torch
+
+    from moon.regions.learned import BoxHead, LearnedDetector
+
+    torch.manual_seed(0)
+    head = BoxHead(width=8)
+
+    class Counting(LearnedDetector):
+        calls: list[int] = []
+
+        def detect_batch(self, images):
+            type(self).calls.append(len(images))
+            return super().detect_batch(images)
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_store.root, twin)
+    run_detection(tiny_store.root, Counting(head, input_size=64), batch_size=8, show_progress=False)
+    batched = list(Counting.calls)
+    Counting.calls.clear()
+    run_detection(twin, Counting(head, input_size=64), batch_size=1, show_progress=False)
+    assert max(batched) == 8 and len(batched) < len(Counting.calls)  # 27 readable images: 4 calls, not 27
+    a, b = _boxes(tiny_store.root, "learned"), _boxes(twin, "learned")
+    assert [r["image"] for r in a] == [r["image"] for r in b]
+    # the same boxes whether an image was detected alone or in a batch (equal here; on CPUs whose
+    # kernels depend on the batch size, up to the features' rounding: a box fraction in bfloat16 has
+    # 8 significant bits, so two units in the last place are 2^-7 of the image side)
+    from PIL import Image
+
+    for ra, rb in zip(a, b, strict=True):
+        with Image.open(tiny_store.root / ra["image"]) as im:
+            tol = 2**-7 * max(im.size)
+        for k in ("x0", "y0", "x1", "y1"):
+            assert abs(ra[k] - rb[k]) <= tol, (ra, rb)

@@ -148,8 +148,22 @@ def eval_(
 @click.option("--pad", default=0.05, show_default=True, help="Grow boxes by this fraction on each side.")
 @click.option("--max-area", default=0.85, show_default=True, help="Skip crops covering more of the image than this.")
 @click.option("--min-area", default=0.005, show_default=True, help="Skip crops covering less of the image than this.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Images per learned-detector call (1: one at a time; see docs/regions.md, Batches).",
+)
 def run(
-    data_dir: str, threads: int | None, detector: str, model: str | None, pad: float, max_area: float, min_area: float
+    data_dir: str,
+    threads: int | None,
+    detector: str,
+    model: str | None,
+    pad: float,
+    max_area: float,
+    min_area: float,
+    batch_size: int,
 ) -> None:
     """Detect and crop every image; write boxes.parquet (source=DETECTOR) and crops/ (resumable)."""
     _set_threads(threads)
@@ -158,7 +172,7 @@ def run(
     from moon.regions.run import run_detection
 
     policy = CropPolicy(pad=pad, max_area=max_area, min_area=min_area)
-    report = run_detection(data_dir, load_detector(detector, model), policy=policy)
+    report = run_detection(data_dir, load_detector(detector, model), policy=policy, batch_size=batch_size)
     click.echo(
         f"{report.images} images ({report.resumed} done by an earlier run): {report.cropped} cropped, "
         f"{report.full_image} kept whole, {len(report.skipped)} skipped; {report.boxes_written} boxes written"

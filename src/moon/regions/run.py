@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from moon import progress
 from moon.data import Box, ProductStore, image_sha1, load_image
 from moon.data.store import replace_boxes
-from moon.errors import DataError
+from moon.errors import ConfigError, DataError
 from moon.regions.base import Detector, clamp_box, full_image_box
 from moon.regions.crop_cache import CropCache, crop_key
 from moon.regions.crop_policy import CropPolicy, crop_image
@@ -56,6 +56,40 @@ class RunReport:
     boxes_written: int = 0
 
 
+def _detect_group(store, group, detector: Detector, policy: CropPolicy, cache: CropCache, report) -> dict:
+    """``{image: crop-cache entry}`` for a group of samples, or ``{image: error text}`` for one that
+    cannot be read: cached entries first, the rest detected together (``detect_batch``) or one by one."""
+    out: dict = {}
+    misses: list[tuple] = []  # (sample, image, cache key)
+    for s in group:
+        try:
+            path = store.path(s.image)
+            image = load_image(path)
+            key = crop_key(image_sha1(path), detector.fingerprint(), policy)
+        except DataError as exc:
+            out[s.image] = getattr(exc, "reason", None) or str(exc)
+            continue
+        entry = cache.get(key)
+        if entry is None:
+            misses.append((s, image, key))
+        else:
+            report.cache_hits += 1
+            out[s.image] = entry
+    batch = getattr(detector, "detect_batch", None)
+    if batch is not None and len(misses) > 1:
+        found = batch([image for _, image, _ in misses])
+    else:
+        found = [detector.detect(image, s.title) for s, image, _ in misses]
+    for (s, image, key), dets in zip(misses, found, strict=True):
+        det = dets[0] if dets else None
+        box = clamp_box(det.box, image.size) if det else None
+        score = det.score if det and box else 0.0
+        box = box or full_image_box(image.size)
+        crop_box = policy.choose(dets, image.size)
+        out[s.image] = cache.put(key, box, score, crop_box, crop_image(image, crop_box) if crop_box else None)
+    return out
+
+
 def parts_dir(store_root: str | os.PathLike, detector_name: str) -> Path:
     """Where an unfinished run keeps its chunks."""
     return Path(store_root) / f".detect-{detector_name}"
@@ -81,13 +115,19 @@ def run_detection(
     *,
     policy: CropPolicy | None = None,
     chunk_size: int = 256,
+    batch_size: int = 8,
     show_progress: bool = True,
     on_image: Callable[[int, str], None] | None = None,
 ) -> RunReport:
     """Detect the core region of every product and query image; store boxes and crops.
 
+    Images go to the detector ``batch_size`` at a time when it has ``detect_batch`` (the learned
+    detector; one forward per batch instead of per image), one at a time otherwise.
+
     ``on_image(i, image)`` is called after each image is processed (tests use it to interrupt a run).
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     policy = policy or CropPolicy()
     store = ProductStore(store_dir)
     root = store.root
@@ -113,46 +153,36 @@ def run_detection(
     buffer: list[dict] = []
     bar = progress.bar(len(samples), f"detect {name}", enabled=show_progress, unit="img", initial=report.resumed)
     try:
-        for i, s in enumerate(todo):
-            row = {
-                "image": s.image,
-                "x0": None,
-                "y0": None,
-                "x1": None,
-                "y1": None,
-                "score": None,
-                "crop": None,
-                "kind": s.kind,
-                "error": None,
-            }
-            try:
-                path = store.path(s.image)
-                image = load_image(path)
-                key = crop_key(image_sha1(path), detector.fingerprint(), policy)
-                entry = cache.get(key)
-                if entry is None:
-                    dets = detector.detect(image, s.title)
-                    det = dets[0] if dets else None
-                    box = clamp_box(det.box, image.size) if det else None
-                    score = det.score if det and box else 0.0
-                    box = box or full_image_box(image.size)
-                    crop_box = policy.choose(dets, image.size)
-                    entry = cache.put(key, box, score, crop_box, crop_image(image, crop_box) if crop_box else None)
+        for start in range(0, len(todo), batch_size):
+            group = todo[start : start + batch_size]
+            found = _detect_group(store, group, detector, policy, cache, report)
+            for i, s in enumerate(group, start):
+                row = {
+                    "image": s.image,
+                    "x0": None,
+                    "y0": None,
+                    "x1": None,
+                    "y1": None,
+                    "score": None,
+                    "crop": None,
+                    "kind": s.kind,
+                    "error": None,
+                }
+                entry = found[s.image]
+                if isinstance(entry, str):  # unreadable image or a path outside the store
+                    row["error"] = entry
                 else:
-                    report.cache_hits += 1
-                row.update(zip(("x0", "y0", "x1", "y1"), entry.box, strict=True))
-                row["score"] = entry.score
-                row["crop"] = entry.crop_path.relative_to(root).as_posix() if entry.crop_path else None
-            except DataError as exc:  # unreadable image or a path outside the store
-                row["error"] = getattr(exc, "reason", None) or str(exc)
-            buffer.append(row)
-            bar.update(1)
-            if len(buffer) >= chunk_size:
-                _write_part(pdir, part_index, buffer)
-                part_index += 1
-                buffer = []
-            if on_image is not None:
-                on_image(i, s.image)
+                    row.update(zip(("x0", "y0", "x1", "y1"), entry.box, strict=True))
+                    row["score"] = entry.score
+                    row["crop"] = entry.crop_path.relative_to(root).as_posix() if entry.crop_path else None
+                buffer.append(row)
+                bar.update(1)
+                if len(buffer) >= chunk_size:
+                    _write_part(pdir, part_index, buffer)
+                    part_index += 1
+                    buffer = []
+                if on_image is not None:
+                    on_image(i, s.image)
         if buffer:
             _write_part(pdir, part_index, buffer)
     finally:
