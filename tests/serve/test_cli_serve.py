@@ -38,6 +38,7 @@ def test_serve_passes_host_port_and_limits_to_uvicorn(served_index, toy_family, 
             "7.5",
             "--max-connections",
             "9",
+            "--allow-truncation",
         ],
         catch_exceptions=False,
     )
@@ -47,6 +48,7 @@ def test_serve_passes_host_port_and_limits_to_uvicorn(served_index, toy_family, 
     # the server protocol (read deadline, connection limit, strict framing) gets the limits
     assert issubclass(kw["http"], MoonH11Protocol)
     assert (kw["http"].limits.read_timeout_s, kw["http"].limits.max_connections) == (7.5, 9)
+    assert kw["http"].limits.allow_truncation  # --allow-truncation reaches /v1/embeddings' limits
     with TestClient(app) as client:
         assert client.post("/search", json={"text": "red shoe", "k": 5}).json()["results"][0]["id"] == "red-shoe"
         assert "between 1 and 5" in client.post("/search", json={"text": "hat", "k": 6}).json()["error"]["message"]

@@ -107,6 +107,11 @@ class _Number(click.ParamType):
     help="Connections open at once; beyond it the longest-idle one is closed, or 503 if all are busy.",
 )
 @click.option(
+    "--allow-truncation",
+    is_flag=True,
+    help="Let /v1/embeddings shorten vectors (dimensions) for a model not trained for it (docs/serving.md).",
+)
+@click.option(
     "--trust-remote-code",
     is_flag=True,
     help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
@@ -131,6 +136,7 @@ def serve(
     concurrency,
     read_timeout_s,
     max_connections,
+    allow_truncation,
     trust_remote_code,
     log_level,
 ) -> None:
@@ -150,6 +156,7 @@ def serve(
         concurrency=concurrency,
         read_timeout_s=read_timeout_s,
         max_connections=max_connections,
+        allow_truncation=allow_truncation,
     )
     manifest = read_manifest(index_dir)
     embedder = load_index_embedder(manifest, model, index_dir=index_dir, trust_remote_code=trust_remote_code)

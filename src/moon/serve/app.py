@@ -1,8 +1,9 @@
 """The HTTP API and search page over one index: ``create_app(index_dir) -> FastAPI``.
 
 Routes: ``GET /`` (search page), ``POST /search``, ``POST /embed``, ``GET /products/{id}``,
-``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics``. Every error is JSON
-``{"error": {"code": <status>, "message": "..."}}``. Product ids are only ever dictionary keys;
+``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics``, and the OpenAI-compatible
+``POST /v1/embeddings`` and ``GET /v1/models`` (:mod:`moon.serve.openai_api`). Every error is JSON
+``{"error": {"code": <status>, "type": "...", "message": "..."}}`` (:mod:`moon.serve.errors`). Product ids are only ever dictionary keys;
 image files are served from the record's path after checking it lies inside the store, and only
 raster types (never SVG, which can carry script); every response says ``X-Content-Type-Options:
 nosniff``, ``X-Frame-Options: DENY`` and has a CSP with ``frame-ancestors 'none'``
@@ -42,6 +43,7 @@ from moon.embedders import Embedder
 from moon.errors import MoonError
 from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
 from moon.serve.body_limit import BodySizeLimit
+from moon.serve.errors import error_body
 from moon.serve.headers import SecurityHeaders, secure_headers
 from moon.serve.limits import ServeLimits
 from moon.serve.metrics import Metrics
@@ -74,7 +76,7 @@ def _error(status: int, message: str) -> JSONResponse:
     # the security headers are set here too: a 500 leaves through Starlette's outermost error
     # middleware, outside SecurityHeaders
     headers = {name.decode(): value.decode() for name, value in secure_headers([])}
-    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
 def _product_urls(product_id: str, n_images: int) -> list[str]:
@@ -113,32 +115,64 @@ class _Service:
             raise ApiError(504, f"the request took longer than the {self.limits.timeout_s:g} s limit") from None
 
 
-def _check_text(text: str) -> None:
+def _check_text(text: str, what: str = "text") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ApiError(
-            400, f"text is not valid Unicode (a lone surrogate {text[exc.start]!r} at position {exc.start})"
+            400, f"{what} is not valid Unicode (a lone surrogate {text[exc.start]!r} at position {exc.start})"
         ) from None
+
+
+def clean_text(text: Any, limits: ServeLimits, what: str = "text") -> str | None:
+    """A query text checked (a string of valid Unicode, at most ``max_text_chars`` once stripped)
+    and stripped; ``None`` when absent or blank. Raises :class:`ApiError` (400)."""
+    if text is not None and not isinstance(text, str):
+        raise ApiError(400, f"{what} must be a string")
+    if text is not None:
+        _check_text(text, what)
+    text = (text or "").strip() or None
+    if text is not None and len(text) > limits.max_text_chars:
+        raise ApiError(400, f"{what} is {len(text):,} characters long; the limit is {limits.max_text_chars:,}")
+    return text
+
+
+async def read_json_body(request: Request) -> Any:
+    """The request body parsed as JSON, refusing bodies nested deeper than ``MAX_JSON_DEPTH``
+    (before parsing) and invalid JSON, with a 400. The body-size limit applies while reading."""
+    body = await request.body()
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+
+
+def image_from_base64(raw: Any, what: str = "image") -> bytes:
+    """The bytes of a base64 image (optionally a ``data:`` URL); 400 when it is not base64.
+    Only decodes the base64: the image itself is decoded by :func:`_decode_images`."""
+    if not isinstance(raw, str):
+        raise ApiError(400, f"{what} must be a base64 string (optionally a data: URL)")
+    if raw.startswith("data:"):
+        raw = raw.partition(",")[2]
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{what} is not valid base64") from None
 
 
 async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) -> tuple[Query, int, bytes | None]:
     """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k.
 
     Returns ``(query without images, k, image bytes or None)``: the image is decoded later, by
-    :func:`_decode_image` inside the worker slot."""
+    :func:`_decode_images` inside the worker slot."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     text: Any = None
     k: Any = 10
     image_bytes: bytes | None = None
     if ctype == "application/json":
-        body = await request.body()
-        if json_depth_exceeds(body, MAX_JSON_DEPTH):
-            raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
-        try:
-            payload = json.loads(body or b"null")
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+        payload = await read_json_body(request)
         if not isinstance(payload, dict):
             raise ApiError(400, 'the JSON body must be an object like {"text": "red sneaker", "k": 10}')
         unknown = sorted(set(payload) - {"text", "k", "image"})
@@ -146,15 +180,7 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
             raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected text, image (base64), k")
         text, k = payload.get("text"), payload.get("k", 10)
         if payload.get("image") is not None:
-            raw = payload["image"]
-            if not isinstance(raw, str):
-                raise ApiError(400, "image must be a base64 string (optionally a data: URL)")
-            if raw.startswith("data:"):
-                raw = raw.partition(",")[2]
-            try:
-                image_bytes = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "image is not valid base64") from None
+            image_bytes = image_from_base64(payload["image"])
     elif ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -174,13 +200,7 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
             415, f"unsupported content type {ctype or '(none)'!r}; send application/json or multipart/form-data"
         )
 
-    if text is not None and not isinstance(text, str):
-        raise ApiError(400, "text must be a string")
-    if text is not None:
-        _check_text(text)
-    text = (text or "").strip() or None
-    if text is not None and len(text) > limits.max_text_chars:
-        raise ApiError(400, f"text is {len(text):,} characters long; the limit is {limits.max_text_chars:,}")
+    text = clean_text(text, limits)
     if with_k:
         try:
             if isinstance(k, bool) or (isinstance(k, float) and not k.is_integer()):
@@ -195,15 +215,35 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
     return Query(id="request", text=text, images=[]), int(k), image_bytes
 
 
+def _decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLimits) -> list[Query]:
+    """Each ``(query, image bytes or None, name)`` as ``query`` with its image decoded (call it in
+    the worker thread; raises :class:`ApiError`). ``max_pixels`` bounds each image and all the
+    images of one request together, so a request holds at most that many decoded pixels (plus
+    one image being checked) whatever its number of images."""
+    out: list[Query] = []
+    total = 0
+    for query, image_bytes, name in items:
+        if image_bytes is None:
+            out.append(query)
+            continue
+        try:
+            image = load_image(image_bytes, max_pixels=limits.max_pixels, name=name)
+        except ImageLoadError as exc:
+            raise ApiError(413 if exc.reason.startswith("too large") else 400, str(exc)) from None
+        total += image.width * image.height
+        if total > limits.max_pixels:
+            raise ApiError(
+                413,
+                f"the request's images have {total:,} pixels together; the limit is {limits.max_pixels:,} "
+                "(width × height, summed over the images of one request)",
+            )
+        out.append(Query(id=query.id, text=query.text, images=[image]))
+    return out
+
+
 def _decode_image(query: Query, image_bytes: bytes | None, limits: ServeLimits) -> Query:
     """``query`` with the uploaded image decoded (in the worker thread; raises :class:`ApiError`)."""
-    if image_bytes is None:
-        return query
-    try:
-        image = load_image(image_bytes, max_pixels=limits.max_pixels, name="uploaded image")
-    except ImageLoadError as exc:
-        raise ApiError(413 if exc.reason.startswith("too large") else 400, str(exc)) from None
-    return Query(id=query.id, text=query.text, images=[image])
+    return _decode_images([(query, image_bytes, "uploaded image")], limits)[0]
 
 
 def create_app(
@@ -380,6 +420,10 @@ def create_app(
             media_type=media_type,
             headers={"Cache-Control": "public, max-age=3600", "Content-Security-Policy": "default-src 'none'"},
         )
+
+    from moon.serve.openai_api import add_openai_routes
+
+    add_openai_routes(app, service)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from moon.serve.errors import error_body
+
 
 class BodyTooLarge(Exception):
     pass
 
 
 def _json_413(limit: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    body = json.dumps(
-        {"error": {"code": 413, "message": f"request body exceeds the limit of {limit:,} bytes"}}
-    ).encode()
+    body = json.dumps(error_body(413, f"request body exceeds the limit of {limit:,} bytes")).encode()
     start = {
         "type": "http.response.start",
         "status": 413,

@@ -41,6 +41,9 @@ class ServeLimits:
         max_connections: connections open at once; a new one beyond it replaces the connection
             that has waited longest without a request in progress, or gets a 503 when every
             connection has one (:mod:`moon.serve.server`).
+        allow_truncation: let ``POST /v1/embeddings`` shorten vectors (``dimensions`` below the
+            model's dimension) for a model not trained for it (no Matryoshka training); off by
+            default, when such requests get a 400 (:mod:`moon.serve.openai_api`).
     """
 
     max_body_bytes: int = 8 * 1024 * 1024
@@ -51,6 +54,7 @@ class ServeLimits:
     concurrency: int = 2
     read_timeout_s: float = 60.0
     max_connections: int = 256
+    allow_truncation: bool = False
 
     def __post_init__(self) -> None:
         for name, (low, high) in INT_LIMITS.items():
@@ -74,3 +78,5 @@ class ServeLimits:
                     f"got {value!r}"
                 )
             object.__setattr__(self, name, float(value))
+        if not isinstance(self.allow_truncation, bool):
+            raise ConfigError(f"serve option allow_truncation must be true or false, got {self.allow_truncation!r}")

@@ -38,6 +38,7 @@ import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from moon.serve.errors import error_body
 from moon.serve.headers import secure_headers
 from moon.serve.limits import ServeLimits
 
@@ -49,7 +50,7 @@ KEEP_ALIVE_S = 5
 
 def error_response(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 response: the JSON error body, ``Connection: close``, security headers."""
-    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    body = json.dumps(error_body(status, message)).encode()
     headers = secure_headers(
         [
             (b"content-type", b"application/json"),
