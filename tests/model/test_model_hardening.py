@@ -12,45 +12,13 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import threading
 
 import pytest
 
-from moon.cli import main
 from moon.data import Product, write_store
 from moon.embedders import EMBEDDER_FILE, MAX_EMBEDDER_JSON_BYTES, load_embedder, saved_family
 from moon.errors import ConfigError
 from moon.model import MoonEmbedder
-
-
-def _within(seconds: float, fn):
-    """``fn()``'s result or exception, failing the test if it takes longer than ``seconds``."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout=seconds)
-    assert not t.is_alive(), f"still running after {seconds} s (blocked?)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _one_line_cli_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture
@@ -91,7 +59,7 @@ BAD_META = ["fifo", "huge", "deep", "not-utf8", "not-json", "list", "family-not-
 
 
 @pytest.mark.parametrize("kind", BAD_META)
-def test_bad_embedder_json_is_one_line_error_naming_it(tmp_path, capsys, store, kind):
+def test_bad_embedder_json_is_one_line_error_naming_it(tmp_path, store, kind, within, one_line_cli_error):
     model = tmp_path / "model"
     model.mkdir()
     meta = model / EMBEDDER_FILE
@@ -99,11 +67,11 @@ def test_bad_embedder_json_is_one_line_error_naming_it(tmp_path, capsys, store, 
     before = os.lstat(meta)
 
     # the public paths: `moon eval --model DIR`, load_embedder(DIR), MoonEmbedder.from_pretrained(DIR)
-    line = _within(20, lambda: _one_line_cli_error(capsys, ["eval", "--model", str(model), "--data", str(store)]))
+    line = within(20, lambda: one_line_cli_error(["eval", "--model", str(model), "--data", str(store)]))
     assert str(meta) in line and phrase in line
     for load in (lambda: load_embedder(str(model)), lambda: MoonEmbedder.from_pretrained(str(model), device="cpu")):
         with pytest.raises(ConfigError) as info:
-            _within(20, load)
+            within(20, load)
         msg = str(info.value)
         assert "\n" not in msg and str(meta) in msg and phrase in msg
     # the bad file is left as it was (nothing rewritten or removed)
@@ -153,12 +121,14 @@ def no_prompt(monkeypatch):
     return calls
 
 
-def test_custom_code_checkpoint_is_refused_without_prompt_or_running_it(tmp_path, capsys, store, no_prompt):
+def test_custom_code_checkpoint_is_refused_without_prompt_or_running_it(
+    tmp_path, store, no_prompt, within, one_line_cli_error
+):
     marker = tmp_path / "marker"
     ckpt = tmp_path / "ckpt"
     _custom_code_dir(ckpt, marker)
 
-    line = _within(60, lambda: _one_line_cli_error(capsys, ["eval", "--model", str(ckpt), "--data", str(store)]))
+    line = within(60, lambda: one_line_cli_error(["eval", "--model", str(ckpt), "--data", str(store)]))
     assert str(ckpt) in line and "own Python code" in line
     with pytest.raises(ConfigError) as info:
         MoonEmbedder.from_pretrained(str(ckpt), device="cpu")

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from moon.cli import main
 from moon.data import ProductStore
 from moon.data.images import DEFAULT_MAX_BYTES, ImageLoadError
 from moon.errors import ConfigError
@@ -21,35 +19,6 @@ from moon.world import synth as synth_module
 from moon.world import synthesize, write_gallery
 from moon.world.sources import SpriteCache, WorldSourceError, background_photos, clipart_models
 from moon.world.taxonomy import PRODUCT_FOLDERS
-
-
-def _within(seconds: float, fn):
-    """``fn()``'s result or exception; fails the test if it takes longer than ``seconds``."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout=seconds)
-    assert not t.is_alive(), f"still running after {seconds} s (blocked?)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _one_line_cli_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -79,9 +48,11 @@ def _sparse(path: Path, size: int) -> None:
         (["--products", str(10**11)], "--products: must be in [1, 1,000,000], got 100,000,000,000"),
     ],
 )
-def test_out_of_range_synth_options_are_one_line_errors_before_any_work(tmp_path, capsys, args, needle):
+def test_out_of_range_synth_options_are_one_line_errors_before_any_work(
+    tmp_path, args, needle, within, one_line_cli_error
+):
     out = tmp_path / "store"
-    line = _within(30, lambda: _one_line_cli_error(capsys, ["data", "synth", "--out", str(out), "--quiet", *args]))
+    line = within(30, lambda: one_line_cli_error(["data", "synth", "--out", str(out), "--quiet", *args]))
     assert needle in line
     assert not out.exists()
 
@@ -115,19 +86,19 @@ def _png(path: Path, size=(64, 48)) -> None:
     Image.fromarray(rgba, "RGBA").save(path)
 
 
-def test_a_fifo_or_huge_drawing_is_skipped_by_the_curation_not_waited_on(tmp_path):
+def test_a_fifo_or_huge_drawing_is_skipped_by_the_curation_not_waited_on(tmp_path, within):
     folder = tmp_path / "clipart" / PRODUCT_FOLDERS[0]
     folder.mkdir(parents=True)
     _png(folder / "apple.png")
     os.mkfifo(folder / "banana.png")
     _sparse(folder / "cherry.png", DEFAULT_MAX_BYTES + 1)
-    models = _within(20, lambda: clipart_models(str(tmp_path / "clipart")))
+    models = within(20, lambda: clipart_models(str(tmp_path / "clipart")))
     assert [Path(m.path).name for m in models] == ["apple.png"]
     assert os.path.exists(folder / "banana.png")  # the FIFO is left alone
 
 
 @pytest.mark.parametrize("kind", ["fifo", "huge"])
-def test_a_fifo_or_huge_sprite_is_a_one_line_error(tmp_path, kind):
+def test_a_fifo_or_huge_sprite_is_a_one_line_error(tmp_path, kind, within):
     path = tmp_path / "sprite.png"
     if kind == "fifo":
         os.mkfifo(path)
@@ -135,7 +106,7 @@ def test_a_fifo_or_huge_sprite_is_a_one_line_error(tmp_path, kind):
         _sparse(path, DEFAULT_MAX_BYTES + 1)
     cache = SpriteCache()
     with pytest.raises(WorldSourceError) as info:
-        _within(20, lambda: cache.get(str(path)))
+        within(20, lambda: cache.get(str(path)))
     msg = str(info.value)
     assert "\n" not in msg and str(path) in msg
     assert ("named pipe" if kind == "fifo" else "too large") in msg
@@ -144,14 +115,14 @@ def test_a_fifo_or_huge_sprite_is_a_one_line_error(tmp_path, kind):
     assert cache.get(str(good)).shape[2] == 4  # a good drawing still loads
 
 
-def test_a_huge_background_photo_is_skipped_with_a_warning(tmp_path):
+def test_a_huge_background_photo_is_skipped_with_a_warning(tmp_path, within):
     darknet = tmp_path / "darknet"
     darknet.mkdir()
     _sparse(darknet / "dog.jpg", DEFAULT_MAX_BYTES + 1)
     os.mkfifo(darknet / "eagle.jpg")
     Image.new("RGB", (64, 64), (10, 120, 30)).save(darknet / "kite.jpg")
     with pytest.warns(UserWarning, match="dog.jpg: too large"):
-        photos = _within(20, lambda: background_photos(str(darknet)))
+        photos = within(20, lambda: background_photos(str(darknet)))
     names = {name for name, _ in photos}
     assert "darknet/kite.jpg" in names and not names & {"darknet/dog.jpg", "darknet/eagle.jpg"}
 
@@ -161,7 +132,7 @@ def two_product_world(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("hw") / "store", n_products=2, seed=5, show_progress=False, workers=1)
 
 
-def test_a_fifo_store_image_in_the_gallery_is_a_one_line_error(two_product_world, tmp_path, capsys):
+def test_a_fifo_store_image_in_the_gallery_is_a_one_line_error(two_product_world, tmp_path, within, one_line_cli_error):
     import shutil
 
     store = tmp_path / "store"
@@ -170,11 +141,9 @@ def test_a_fifo_store_image_in_the_gallery_is_a_one_line_error(two_product_world
     os.unlink(first)
     os.mkfifo(first)
     with pytest.raises(ImageLoadError) as info:
-        _within(20, lambda: write_gallery(store, tmp_path / "g.html"))
+        within(20, lambda: write_gallery(store, tmp_path / "g.html"))
     assert "named pipe" in str(info.value) and "\n" not in str(info.value)
-    line = _within(
-        20, lambda: _one_line_cli_error(capsys, ["data", "gallery", str(store), "--out", str(tmp_path / "g.png")])
-    )
+    line = within(20, lambda: one_line_cli_error(["data", "gallery", str(store), "--out", str(tmp_path / "g.png")]))
     assert "named pipe" in line and os.path.basename(first) in line
     assert not (tmp_path / "g.html").exists() and not (tmp_path / "g.png").exists()
 
