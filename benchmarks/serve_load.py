@@ -93,9 +93,12 @@ def serve(index_dir: str, model: str, port: int, concurrency: int) -> None:
     import uvicorn
 
     from moon.serve import ServeLimits, create_app
+    from moon.serve.server import server_options
 
-    app = create_app(index_dir, embedder_for(model), limits=ServeLimits(concurrency=concurrency, timeout_s=60))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    limits = ServeLimits(concurrency=concurrency, timeout_s=60)
+    app = create_app(index_dir, embedder_for(model), limits=limits)
+    # the protocol `moon serve` runs (read deadline, connection limit, strict framing)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **server_options(limits))
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from moon.embedders import EMBEDDER_FILE
+from moon.embedders import EMBEDDER_FILE, read_embedder_meta
 from moon.errors import ConfigError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,12 +47,9 @@ def read_saved(directory: str | os.PathLike, family: str) -> tuple[dict[str, Any
     """The saved config dict and tensors of a ``family`` directory (clear errors when it is not one)."""
     d = Path(directory)
     meta_path, weights = d / EMBEDDER_FILE, d / WEIGHTS_FILE
-    if not meta_path.is_file() or not weights.is_file():
+    if not meta_path.exists() or not weights.is_file():
         raise ConfigError(f"{d}: not a saved {family} model (needs {EMBEDDER_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConfigError(f"{meta_path}: unreadable ({exc})") from exc
+    meta = read_embedder_meta(d)  # bounded: a FIFO, huge, deep or non-JSON file is a one-line error
     if meta.get("family") != family:
         raise ConfigError(f"{meta_path}: family is {meta.get('family')!r}, expected {family!r}")
     return meta.get("config") or {}, load_file(str(weights))
