@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -9,9 +10,18 @@ from typing import Any
 import pytest
 
 
-def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+def _release(fifo: os.PathLike | str) -> None:
+    """Let a reader blocked in ``open(fifo)`` go on (it then reads end-of-file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody is waiting on it
+        pass
+
+
+def _within(seconds: float, fn: Callable[[], Any], *fifos: os.PathLike | str) -> Any:
     """``fn()``'s result, or its exception re-raised; fails the test if it runs longer than
-    ``seconds`` (a hang: a FIFO read, a lock never released)."""
+    ``seconds`` (a hang: a FIFO read, a lock never released), after releasing ``fifos`` so that
+    the blocked thread ends."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -23,15 +33,20 @@ def _within(seconds: float, fn: Callable[[], Any]) -> Any:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(timeout=seconds)
-    assert not t.is_alive(), f"still running after {seconds} s (blocked?)"
+    if t.is_alive():
+        for fifo in fifos:
+            _release(fifo)
+        t.join(5)
+        pytest.fail(f"still running after {seconds} s (blocked? a FIFO or device hangs the reader)")
     if "error" in box:
         raise box["error"]
     return box.get("value")
 
 
 @pytest.fixture
-def within() -> Callable[[float, Callable[[], Any]], Any]:
-    """``within(seconds, fn)``: run ``fn`` in a thread, fail the test if it does not finish in time."""
+def within() -> Callable[..., Any]:
+    """``within(seconds, fn, *fifos)``: run ``fn`` in a thread and return its result (or raise its
+    exception); fail the test if it does not finish in time, releasing ``fifos`` first."""
     return _within
 
 

@@ -53,40 +53,13 @@ needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes a
 
 
 # ------------------------------------------------------------------ helpers
-def _release(fifo: Path) -> None:
-    """Let a reader blocked in ``open(fifo)`` go on (it then reads end-of-file)."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # ENXIO: nobody is waiting on it
-        pass
-
-
-def _within(seconds: float, fn, *fifos: Path):
-    """Run ``fn()`` in a thread; return ``(value, exception)``; fail if it is still running after
-    ``seconds`` (a hang), after releasing it."""
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        for fifo in fifos:
-            _release(fifo)
-        thread.join(5)
-        pytest.fail(f"still blocked after {seconds} s: a FIFO (or device) hangs the reader")
-    return box.get("value"), box.get("error")
-
-
-def _refused(seconds: float, fn, *fifos: Path) -> BaseException:
-    value, error = _within(seconds, fn, *fifos)
-    assert error is not None, f"expected a refusal, got {value!r}"
-    return error
+def _refused(within, seconds: float, fn, *fifos: Path) -> BaseException:
+    """The exception ``fn()`` refuses with, within ``seconds`` (``within``: the shared fixture)."""
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - each test checks the error it got
+        within(seconds, fn, *fifos)
+    if isinstance(info.value, pytest.fail.Exception):  # a hang, not a refusal
+        raise info.value
+    return info.value
 
 
 def _limit_memory() -> None:
@@ -146,85 +119,83 @@ def store(tmp_path) -> ProductStore:
 
 # ------------------------------------------------------------------ load_image: FIFO
 @needs_fifo
-def test_fifo_at_a_product_image_path_is_refused_at_once(store):
+def test_fifo_at_a_product_image_path_is_refused_at_once(store, within):
     rel = store.product("green").images[0]
     fifo = _fifo_in_place_of(Path(rel))
-    error = _refused(BOUND_S, lambda: load_image(fifo), fifo)
+    error = _refused(within, BOUND_S, lambda: load_image(fifo), fifo)
     assert isinstance(error, ImageLoadError)
     assert str(error) == f"{fifo}: is a named pipe (FIFO), not an image"
-    error = _refused(BOUND_S, lambda: image_sha1(fifo), fifo)  # the training catalog's hash reads it too
+    error = _refused(within, BOUND_S, lambda: image_sha1(fifo), fifo)  # the training catalog's hash reads it too
     assert isinstance(error, ImageLoadError) and error.reason == "is a named pipe (FIFO), not an image"
 
 
 @needs_fifo
-def test_fifo_swapped_in_after_the_check_does_not_block_the_open(tmp_path, monkeypatch):
+def test_fifo_swapped_in_after_the_check_does_not_block_the_open(tmp_path, monkeypatch, within):
     """The race: the path was a regular file when it was checked and is a FIFO when it is opened.
     ``O_NONBLOCK`` keeps the open from blocking and the ``fstat`` of the descriptor refuses it."""
     fifo = tmp_path / "swapped.png"
     os.mkfifo(fifo)
     monkeypatch.setattr(safe_open, "check_regular", lambda *a, **k: None)  # the path check "passed"
-    error = _refused(BOUND_S, lambda: open_regular(fifo, 1024, what="an image"), fifo)
+    error = _refused(within, BOUND_S, lambda: open_regular(fifo, 1024, what="an image"), fifo)
     assert isinstance(error, FileRefusedError) and error.reason == "is a named pipe (FIFO), not an image"
-    error = _refused(BOUND_S, lambda: load_image(fifo), fifo)
+    error = _refused(within, BOUND_S, lambda: load_image(fifo), fifo)
     assert isinstance(error, ImageLoadError) and error.reason == "is a named pipe (FIFO), not an image"
 
 
 @needs_fifo
-def test_import_reports_a_fifo_image_and_keeps_the_product(tmp_path):
+def test_import_reports_a_fifo_image_and_keeps_the_product(tmp_path, within):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     os.mkfifo(imgs / "a.png")
     src = tmp_path / "mbe.jsonl"
     src.write_text(json.dumps({"id": "a", "doc_title": "t", "doc_image": "a.png"}) + "\n")
-    value, error = _within(BOUND_S, lambda: import_mbe([str(src)], tmp_path / "s", images_dir=imgs), imgs / "a.png")
-    assert error is None, error
-    stored, report = value
+    stored, report = within(BOUND_S, lambda: import_mbe([str(src)], tmp_path / "s", images_dir=imgs), imgs / "a.png")
     assert [p.id for p in stored.products()] == ["a"] and stored.product("a").images == []
     assert report.missing_images == ["mbe.jsonl:1: 'a.png': is a named pipe (FIFO), not an image"]
 
 
 # ------------------------------------------------------------------ load_image: other non-files
-def test_a_unix_socket_as_an_image_is_refused(tmp_path, monkeypatch):
+def test_a_unix_socket_as_an_image_is_refused(tmp_path, monkeypatch, within):
     monkeypatch.chdir(tmp_path)  # AF_UNIX paths are limited to ~107 bytes: bind a short relative name
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind("img.png")
-        error = _refused(BOUND_S, lambda: load_image("img.png"))
+        error = _refused(within, BOUND_S, lambda: load_image("img.png"))
     assert isinstance(error, ImageLoadError) and str(error) == "img.png: is a socket, not an image"
 
 
-def test_a_directory_as_an_image_is_refused(tmp_path):
+def test_a_directory_as_an_image_is_refused(tmp_path, within):
     (tmp_path / "photo.jpg").mkdir()
-    error = _refused(BOUND_S, lambda: load_image(tmp_path / "photo.jpg"))
+    error = _refused(within, BOUND_S, lambda: load_image(tmp_path / "photo.jpg"))
     assert isinstance(error, ImageLoadError) and error.reason == "is a directory, not an image"
 
 
-def test_a_character_device_as_an_image_is_refused(tmp_path):
+def test_a_character_device_as_an_image_is_refused(tmp_path, within):
     """``/dev/null`` (behind a symlink named like a photo) is a device, not an empty image; the
     same check refuses ``/dev/zero``, which the CLI test below feeds in a memory-capped process."""
     link = tmp_path / "photo.png"
     link.symlink_to("/dev/null")
-    error = _refused(BOUND_S, lambda: load_image(link))
+    error = _refused(within, BOUND_S, lambda: load_image(link))
     assert isinstance(error, ImageLoadError) and error.reason == "is a character device, not an image"
 
 
 # ------------------------------------------------------------------ size cap
-def test_a_file_one_byte_over_the_cap_is_refused_by_its_size(tmp_path):
+def test_a_file_one_byte_over_the_cap_is_refused_by_its_size(tmp_path, within):
     big = tmp_path / "big.png"
     subprocess.run(["truncate", "-s", str(DEFAULT_MAX_BYTES + 1), str(big)], check=True)  # sparse: no data written
-    error = _refused(BOUND_S, lambda: load_image(big))
+    error = _refused(within, BOUND_S, lambda: load_image(big))
     assert isinstance(error, ImageLoadError)
     assert error.reason == (
         f"too large ({DEFAULT_MAX_BYTES + 1:,} bytes > limit {DEFAULT_MAX_BYTES:,} bytes; set {MAX_BYTES_ENV} to raise it)"
     )
 
 
-def test_a_terabyte_sparse_file_is_refused_before_it_is_read(tmp_path):
+def test_a_terabyte_sparse_file_is_refused_before_it_is_read(tmp_path, within):
     """The exact size in the reason comes from ``fstat``: the refusal happened before any read
     (reading would have said "more than the limit"), and the peak memory did not grow."""
     huge = tmp_path / "huge.jpg"
     subprocess.run(["truncate", "-s", "1T", str(huge)], check=True)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    error = _refused(BOUND_S, lambda: load_image(huge))
+    error = _refused(within, BOUND_S, lambda: load_image(huge))
     assert isinstance(error, ImageLoadError) and error.reason.startswith(f"too large ({1 << 40:,} bytes > limit")
     grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     assert grew_kib < 256 * 1024, f"peak memory grew by {grew_kib / 1024:.0f} MiB"
@@ -275,19 +246,19 @@ def test_a_normal_image_still_loads_byte_identically(tmp_path, fmt):
 
 
 @needs_fifo
-def test_store_tables_and_manifests_that_are_not_files_are_refused(store, tmp_path):
+def test_store_tables_and_manifests_that_are_not_files_are_refused(store, tmp_path, within):
     """The store's own files and import sources are user files too: a FIFO manifest blocked
     ``read_text`` (``moon data stats`` hung); tables and sources are refused by kind, not as
     "empty" or "no such file"."""
     table = _fifo_in_place_of(store.root / "products.parquet")
-    error = _refused(BOUND_S, lambda: list(ProductStore(store.root).products()), table)
+    error = _refused(within, BOUND_S, lambda: list(ProductStore(store.root).products()), table)
     assert isinstance(error, StoreError) and str(error) == f"{table}: is a named pipe (FIFO), not a parquet table"
     manifest = _fifo_in_place_of(store.root / "manifest.json")
-    error = _refused(BOUND_S, lambda: ProductStore(store.root), manifest)
+    error = _refused(within, BOUND_S, lambda: ProductStore(store.root), manifest)
     assert isinstance(error, StoreError) and str(error) == f"{manifest}: is a named pipe (FIFO), not a manifest"
     source = tmp_path / "mbe.jsonl"
     os.mkfifo(source)
-    error = _refused(BOUND_S, lambda: list(read_rows(source)), source)
+    error = _refused(within, BOUND_S, lambda: list(read_rows(source)), source)
     assert isinstance(error, DataError) and str(error) == f"{source}: is a named pipe (FIFO), not a data file"
 
 
@@ -358,7 +329,6 @@ def test_index_build_eval_and_train_on_a_store_with_a_fifo_image_do_not_hang(tmp
 def test_a_fifo_manifest_in_an_index_out_folder_is_refused_without_hanging(tmp_path):
     # `moon index build --out DIR` reads DIR/manifest.json to refuse foreign folders: a FIFO must not block
     import os
-    import threading
 
     from moon.errors import ConfigError
     from moon.index.atomic import check_index_target, manifest_format

@@ -299,6 +299,22 @@ def _parquet(table):
     return sink.getvalue().to_pybytes()
 
 
+def _refused_by_every_reader(capsys, idx, message: str) -> list[str]:
+    """Opening the index, ``moon search`` and ``moon index remove`` each refuse it with ``message``
+    (one line for the commands); returns the commands' stderr."""
+    with pytest.raises(IndexFormatError, match=re.escape(message)):
+        VectorIndex.open(idx)
+    errors = []
+    for argv in (
+        ["search", str(idx), "--model", "toy", "--text", "red shoe"],
+        ["index", "remove", str(idx), "red-shoe"],
+    ):
+        code, _, err = _cli(capsys, *argv)
+        _one_line_error(code, err, message)
+        errors.append(err)
+    return errors
+
+
 @pytest.mark.parametrize(
     ("columns", "needle"),
     [
@@ -326,14 +342,7 @@ def test_a_damaged_id_table_is_one_line_and_changes_nothing(
     build_index(toy_embedder, toy_store, idx, model="toy")
     path = _replace_data_file(idx, "ids", _parquet(pa.table(columns)))
     before = _snapshot(idx)
-    with pytest.raises(IndexFormatError, match=re.escape(f"{path}: ")):
-        VectorIndex.open(idx)
-    for argv in (
-        ["search", str(idx), "--model", "toy", "--text", "red shoe"],
-        ["index", "remove", str(idx), "p0"],
-    ):
-        code, _, err = _cli(capsys, *argv)
-        _one_line_error(code, err, f"{path}: ")
+    for err in _refused_by_every_reader(capsys, idx, f"{path}: "):
         assert needle in err and "rebuild" in err
     assert _snapshot(idx) == before
 
@@ -364,12 +373,5 @@ def test_a_vectors_file_of_another_kind_is_one_line_and_changes_nothing(
         (idx / "manifest.json").write_text(json.dumps(manifest))
     path = idx / manifest["files"]["vectors"]["name"]
     before = _snapshot(idx)
-    with pytest.raises(IndexFormatError, match=re.escape(needle)):
-        VectorIndex.open(idx)
-    for argv in (
-        ["search", str(idx), "--model", "toy", "--text", "red shoe"],
-        ["index", "remove", str(idx), "red-shoe"],
-    ):
-        code, _, err = _cli(capsys, *argv)
-        _one_line_error(code, err, f"{path}: {needle}")
+    _refused_by_every_reader(capsys, idx, f"{path}: {needle}")
     assert _snapshot(idx) == before

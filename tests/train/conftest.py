@@ -82,3 +82,24 @@ def store_factory():
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "store")
+
+
+@pytest.fixture(scope="session")
+def hardening_store(tmp_path_factory) -> Path:
+    """The hardening tests' tiny text-only store (:func:`helpers.hardening_store_at`), built once."""
+    from helpers import hardening_store_at
+
+    return hardening_store_at(tmp_path_factory.mktemp("hardening") / "store")
+
+
+@pytest.fixture(scope="session")
+def hardening_run(hardening_store, tmp_path_factory) -> Path:
+    """A finished 6-step toy run on :func:`hardening_store` with checkpoints at steps 2, 4 and 6,
+    trained once for every module that needs it: tests copy it before changing anything."""
+    from helpers import toy_run_config
+
+    from moon.train import train
+
+    out = tmp_path_factory.mktemp("hardening") / "run"
+    train(toy_run_config(hardening_store, out))
+    return out

@@ -1,4 +1,5 @@
-"""Shared test helpers: a toy training setup whose gradients can be compared exactly."""
+"""Shared test helpers: a toy training setup whose gradients can be compared exactly, and the
+hardening tests' tiny store and 6-step toy run config."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import torch
 from toy_embedder import ToyEmbedder
 
+from moon.data import Product, Purchase, Query, StoreWriter
+from moon.train import load_config
 from moon.train.dataset import open_training_data
 from moon.train.losses import ContrastiveLoss
 from moon.train.memory import MemoryQueue
@@ -65,3 +68,38 @@ def gradients_after_two_steps(
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def hardening_store_at(root):
+    """The hardening tests' tiny store: 8 leaves × 3 products; text queries: train ones buy one product, val ones buy two."""
+    with StoreWriter(root, created={"tool": "tests"}) as w:
+        for c in range(8):
+            for j in range(3):
+                w.add_product(Product(f"c{c}p{j}", f"thing {c} variant {j}", category=["Ind", f"Leaf{c}"]))
+            w.add_query(Query(f"q{c}", f"looking for thing {c}", split="train"))
+            w.add_purchase(Purchase(f"q{c}", f"c{c}p0", c))
+            w.add_query(Query(f"v{c}", f"thing {c} please", split="val"))
+            w.add_purchase(Purchase(f"v{c}", f"c{c}p1", 100 + c))
+            w.add_purchase(Purchase(f"v{c}", f"c{(c + 3) % 8}p2", 200 + c))
+    return root
+
+
+def toy_run_config(store, out, steps=6, **run):
+    return load_config(
+        extra={
+            "model": {"spec": "py:toy_embedder:make_toy"},
+            "data": {"dir": str(store), "modality_mix": {"text": 1}},
+            "negatives": {"hard": 1, "queue_size": 8, "queue_max_age": 2},
+            "loss": {"learn_temperature": True},
+            "optim": {"steps": steps, "batch_size": 4, "warmup_steps": 1},
+            "run": {
+                "out": str(out),
+                "val_every": 2,
+                "ckpt_every": 2,
+                "keep_last": 3,
+                "tensorboard": False,
+                "progress": False,
+                **run,
+            },
+        }
+    )

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_run_config  # the hardening tests' 6-step toy run
 from safetensors.torch import load_file, save_file
-from test_train_hardening import _config, _store  # the first round's tiny store and 6-step toy run
 
 from moon.train import checkpoints as ckpt
 from moon.train import train
@@ -35,29 +35,27 @@ STEP6 = "step-00000006"
 DAMAGED = "skipping a damaged checkpoint"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return _store(tmp_path_factory.mktemp("sums") / "store")
+@pytest.fixture
+def store(hardening_store):
+    return hardening_store
+
+
+@pytest.fixture
+def finished(hardening_run):
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6 (shared: copy it before changing it)."""
+    return hardening_run
 
 
 @pytest.fixture(scope="module")
-def finished(store, tmp_path_factory):
-    """A finished 6-step run with checkpoints at steps 2, 4 and 6."""
-    out = tmp_path_factory.mktemp("sums") / "run"
-    train(_config(store, out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def from_step4(store, finished, tmp_path_factory):
+def from_step4(hardening_store, hardening_run, tmp_path_factory):
     """The finished run resumed from its step-4 checkpoint (step 6 deleted): what a fallback from a
     damaged step-6 checkpoint must reproduce."""
     run = tmp_path_factory.mktemp("sums") / "ref"
-    shutil.copytree(finished, run)
+    shutil.copytree(hardening_run, run)
     shutil.rmtree(run / "checkpoints" / STEP6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(_config(store, run), resume=True)
+        train(toy_run_config(hardening_store, run), resume=True)
     assert not [w for w in caught if DAMAGED in str(w.message)]
     return run
 
@@ -107,7 +105,7 @@ def _resume_falls_back(store: Path, run: Path, from_step4: Path, needle: str) ->
     then exactly what a run resumed from step 4 does — the same losses and a step-6 checkpoint
     byte-identical to that run's. Returns the warning."""
     with pytest.warns(RuntimeWarning, match=DAMAGED) as record:
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
     damaged = [str(w.message) for w in record if DAMAGED in str(w.message)]
     assert len(damaged) == 1, damaged
     message = damaged[0]
@@ -276,7 +274,7 @@ def _expect(store: Path) -> ckpt.Expected:
     from moon.train.models import build_model
     from moon.train.optim import build_optimizer, build_scheduler
 
-    config = _config(store, store.parent / "unused")
+    config = toy_run_config(store, store.parent / "unused")
     model = build_model(config.model.spec, config.model.overrides, allow_python=True)
     loss = ContrastiveLoss(config.loss.temperature, learnable=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + [("loss.log_scale", loss.log_scale)]
@@ -364,7 +362,7 @@ def test_every_checkpoint_damaged_is_a_one_line_error(store, finished, tmp_path,
     for _, path in checkpoints:
         _flip_a_float_bit(path / "model.safetensors")
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(_config(store, run).to_yaml())
+    config_file.write_text(toy_run_config(store, run).to_yaml())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(SystemExit) as exc:
@@ -393,7 +391,7 @@ def test_checkpoints_without_sha256s_still_resume(store, finished, tmp_path):
     _strip_sha256(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(_config(store, run, steps=8), resume=True)  # optim.steps may change on resume
+        train(toy_run_config(store, run, steps=8), resume=True)  # optim.steps may change on resume
     assert not [w for w in caught if DAMAGED in str(w.message)]
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6, 7, 8]
     newest = ckpt.latest_checkpoint(run)[1]
@@ -419,7 +417,7 @@ def test_a_non_utf8_line_in_metrics_jsonl_is_skipped_on_resume(store, finished, 
     lines[2:2] = [b'{"step": 2, "note": "caf\xe9"}\n', b"not JSON\n"]
     f.write_bytes(b"".join(lines))
     with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: skipped 2 unreadable lines \(line 3: not UTF-8"):
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
     assert _losses(run) == _losses(from_step4)
     f.read_bytes().decode("utf-8")  # the bad lines are gone
 

@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import hardening_store_at, toy_run_config
 
-from moon.data import Product, Purchase, Query, StoreWriter
 from moon.errors import ConfigError, MoonError
 from moon.train import checkpoints as ckpt
 from moon.train import load_config, train
@@ -30,52 +30,15 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-def _store(root):
-    """8 leaves × 3 products; text queries: train ones buy one product, val ones buy two."""
-    with StoreWriter(root, created={"tool": "tests"}) as w:
-        for c in range(8):
-            for j in range(3):
-                w.add_product(Product(f"c{c}p{j}", f"thing {c} variant {j}", category=["Ind", f"Leaf{c}"]))
-            w.add_query(Query(f"q{c}", f"looking for thing {c}", split="train"))
-            w.add_purchase(Purchase(f"q{c}", f"c{c}p0", c))
-            w.add_query(Query(f"v{c}", f"thing {c} please", split="val"))
-            w.add_purchase(Purchase(f"v{c}", f"c{c}p1", 100 + c))
-            w.add_purchase(Purchase(f"v{c}", f"c{(c + 3) % 8}p2", 200 + c))
-    return root
+@pytest.fixture
+def store(hardening_store):
+    return hardening_store
 
 
-def _config(store, out, steps=6, **run):
-    return load_config(
-        extra={
-            "model": {"spec": "py:toy_embedder:make_toy"},
-            "data": {"dir": str(store), "modality_mix": {"text": 1}},
-            "negatives": {"hard": 1, "queue_size": 8, "queue_max_age": 2},
-            "loss": {"learn_temperature": True},
-            "optim": {"steps": steps, "batch_size": 4, "warmup_steps": 1},
-            "run": {
-                "out": str(out),
-                "val_every": 2,
-                "ckpt_every": 2,
-                "keep_last": 3,
-                "tensorboard": False,
-                "progress": False,
-                **run,
-            },
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return _store(tmp_path_factory.mktemp("hard") / "store")
-
-
-@pytest.fixture(scope="module")
-def finished(store, tmp_path_factory):
-    """A finished 6-step run with checkpoints at steps 2, 4 and 6."""
-    out = tmp_path_factory.mktemp("hard") / "run"
-    train(_config(store, out))
-    return out
+@pytest.fixture
+def finished(hardening_run):
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6 (shared: copy it before changing it)."""
+    return hardening_run
 
 
 # --- checkpoints: safetensors + JSON, never pickles -------------------------------------------
@@ -119,9 +82,9 @@ def test_a_planted_pickle_checkpoint_is_refused_and_never_unpickled(store, tmp_p
     for name in ("model.pt", "trainer.pt", "rng-rank0.pt"):
         (step / name).write_bytes(pickle.dumps(_Planted(marker)))
     with pytest.raises(ckpt.CheckpointError, match="old pickled format"):
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
     with pytest.raises(ckpt.CheckpointError, match="old pickled format"):
-        train(_config(store, run))  # nor overwritten without --resume
+        train(toy_run_config(store, run))  # nor overwritten without --resume
     assert not marker.exists()
 
     from moon.cli import main
@@ -144,7 +107,7 @@ def test_pickles_planted_under_the_new_names_are_damage_not_code(store, finished
             size = f.stat().st_size
             f.write_bytes(pickle.dumps(_Planted(marker)).ljust(size, b"."))  # same size: passes the size check
     with pytest.warns(RuntimeWarning, match="skipping a damaged checkpoint"):
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
     assert not marker.exists()
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
 
@@ -169,7 +132,7 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(store, finished, tmp
     with pytest.raises(ckpt.CheckpointError, match=str(f.name)):
         ckpt.read_checkpoint(newest, 0)
     with pytest.warns(RuntimeWarning, match=f"skipping a damaged checkpoint: {newest}"):
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
     got = read_metrics(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(got, expected, strict=True):  # steps 5 and 6 were trained again, from step 4, exactly
@@ -185,7 +148,7 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(store, finished, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ckpt.CheckpointError, match="no checkpoint can be resumed from"):
-            train(_config(store, run), resume=True)
+            train(toy_run_config(store, run), resume=True)
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -271,7 +234,7 @@ def test_a_damaged_saved_config_on_resume_is_a_clear_error(store, finished, tmp_
     shutil.copytree(finished, run)
     (run / "config.yaml").write_bytes(b"model:\n  spec: \xff\xfe\n")
     with pytest.raises(MoonError, match="config.yaml: not UTF-8"):
-        train(_config(store, run), resume=True)
+        train(toy_run_config(store, run), resume=True)
 
 
 # --- validation: hit rate and recall, named for what they are -----------------------------------
@@ -312,7 +275,7 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_final(tmp_path, overr
     # issue #29: `optim.lr=1e30 optim.grad_clip=null` used to exit 0 with NaN weights saved in final/
     from moon.errors import TrainingError
 
-    cfg = _config(_store(tmp_path / "store"), tmp_path / "run", steps=6)
+    cfg = toy_run_config(hardening_store_at(tmp_path / "store"), tmp_path / "run", steps=6)
     cfg.optim.lr, cfg.optim.grad_clip = overrides["lr"], overrides["grad_clip"]
     with pytest.raises(TrainingError, match=r"training diverged at step \d+: .*final/ was not written") as err:
         train(cfg)
@@ -329,7 +292,7 @@ def test_nan_gradients_are_never_applied(tmp_path, monkeypatch):
     import moon.train.loop as loop
     from moon.errors import TrainingError
 
-    cfg = _config(_store(tmp_path / "store"), tmp_path / "run", steps=6)
+    cfg = toy_run_config(hardening_store_at(tmp_path / "store"), tmp_path / "run", steps=6)
     cfg.run.val_every, cfg.run.ckpt_every = 0, 0
     steps_taken = []
     real_step = torch.optim.AdamW.step
@@ -401,6 +364,6 @@ def test_cuda_without_cuda_is_a_one_line_error_before_any_work(store, tmp_path, 
     # the library path too, and the store is untouched
     before = sorted((p.name, p.stat().st_size) for p in store.iterdir())
     with pytest.raises(ConfigError, match="run.device=cuda"):
-        train(_config(store, out, device="cuda"))
+        train(toy_run_config(store, out, device="cuda"))
     assert not out.exists()
     assert sorted((p.name, p.stat().st_size) for p in store.iterdir()) == before

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,9 +25,12 @@ from moon.data import Box, ProductStore, image_sha1, load_image
 from moon.data.store import replace_boxes
 from moon.errors import ConfigError, DataError
 from moon.regions.base import Detector, clamp_box, full_image_box
-from moon.regions.crop_cache import CropCache, crop_key
+from moon.regions.crop_cache import CropCache, CropEntry, crop_key
 from moon.regions.crop_policy import CropPolicy, crop_image
-from moon.regions.samples import iter_samples
+from moon.regions.samples import ImageSample, iter_samples
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PART_SCHEMA = pa.schema(
     [
@@ -56,11 +60,18 @@ class RunReport:
     boxes_written: int = 0
 
 
-def _detect_group(store, group, detector: Detector, policy: CropPolicy, cache: CropCache, report) -> dict:
+def _detect_group(
+    store: ProductStore,
+    group: list[ImageSample],
+    detector: Detector,
+    policy: CropPolicy,
+    cache: CropCache,
+    report: RunReport,
+) -> dict[str, CropEntry | str]:
     """``{image: crop-cache entry}`` for a group of samples, or ``{image: error text}`` for one that
     cannot be read: cached entries first, the rest detected together (``detect_batch``) or one by one."""
-    out: dict = {}
-    misses: list[tuple] = []  # (sample, image, cache key)
+    out: dict[str, CropEntry | str] = {}
+    misses: list[tuple[ImageSample, Image.Image, str]] = []  # (sample, image, cache key)
     for s in group:
         try:
             path = store.path(s.image)

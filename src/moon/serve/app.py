@@ -151,7 +151,7 @@ async def read_json_body(request: Request) -> Any:
 
 def image_from_base64(raw: Any, what: str = "image") -> bytes:
     """The bytes of a base64 image (optionally a ``data:`` URL); 400 when it is not base64.
-    Only decodes the base64: the image itself is decoded by :func:`_decode_images`."""
+    Only decodes the base64: the image itself is decoded by :func:`decode_images`."""
     if not isinstance(raw, str):
         raise ApiError(400, f"{what} must be a base64 string (optionally a data: URL)")
     if raw.startswith("data:"):
@@ -166,7 +166,7 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
     """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k.
 
     Returns ``(query without images, k, image bytes or None)``: the image is decoded later, by
-    :func:`_decode_images` inside the worker slot."""
+    :func:`decode_images` inside the worker slot."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     text: Any = None
     k: Any = 10
@@ -215,7 +215,7 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
     return Query(id="request", text=text, images=[]), int(k), image_bytes
 
 
-def _decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLimits) -> list[Query]:
+def decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLimits) -> list[Query]:
     """Each ``(query, image bytes or None, name)`` as ``query`` with its image decoded (call it in
     the worker thread; raises :class:`ApiError`). ``max_pixels`` bounds each image and all the
     images of one request together, so a request holds at most that many decoded pixels (plus
@@ -243,7 +243,7 @@ def _decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLi
 
 def _decode_image(query: Query, image_bytes: bytes | None, limits: ServeLimits) -> Query:
     """``query`` with the uploaded image decoded (in the worker thread; raises :class:`ApiError`)."""
-    return _decode_images([(query, image_bytes, "uploaded image")], limits)[0]
+    return decode_images([(query, image_bytes, "uploaded image")], limits)[0]
 
 
 def create_app(

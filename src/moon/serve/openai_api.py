@@ -2,7 +2,7 @@
 
 Inputs are *queries*: each goes through ``encode_queries``, as with ``POST /embed``, and through
 the same checks (:func:`moon.serve.app.read_json_body`, :func:`~moon.serve.app.clean_text`,
-:func:`~moon.serve.app.image_from_base64`, :func:`~moon.serve.app._decode_images`), inside the
+:func:`~moon.serve.app.image_from_base64`, :func:`~moon.serve.app.decode_images`), inside the
 same model-concurrency slots and timeout. ``input`` is a string, a list of strings, or a list of
 items ``{"content": [parts]}`` whose parts are ``{"type": "text", "text": ...}`` and
 ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` (at most one of
@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from moon.data import Query
-from moon.serve.app import ApiError, _decode_images, clean_text, image_from_base64, read_json_body
+from moon.serve.app import ApiError, clean_text, decode_images, image_from_base64, read_json_body
 
 #: the most inputs in one request (OpenAI's limit)
 MAX_INPUTS = 2048
@@ -222,7 +222,7 @@ def add_openai_routes(app: FastAPI, service: Any) -> None:
     limits = service.limits
 
     def _embed(items: list[tuple[Query, bytes | None, str]]) -> tuple[np.ndarray, int]:
-        queries = _decode_images(items, limits)
+        queries = decode_images(items, limits)
         vectors = np.asarray(service.embedder.encode_queries(queries), dtype=np.float32)
         tokens = count_tokens(service.embedder, [q.text for q in queries if q.text])
         return vectors, tokens
