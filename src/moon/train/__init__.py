@@ -1,4 +1,4 @@
-"""Contrastive training of any :class:`moon.embedders.TrainableEmbedder` on purchases.
+"""Contrastive training of any :class:`moon.models.TrainableEmbedder` on purchases.
 
 ``moon train`` wraps :func:`train`; the pieces are reusable on their own: the config
 (:mod:`moon.train.config`), batches following the query modality mix (:mod:`moon.train.sampler`),

@@ -18,6 +18,12 @@ any of this — a truncated or flipped byte, a crafted ``trainer.json``, a tenso
 fails :func:`read_checkpoint` with a one-line :class:`CheckpointError` naming the file and the
 reason, and the trainer falls back to the previous one.
 
+A checkpoint (or ``best/`` / ``final/``) that cannot be written — the disk is full (``ENOSPC``),
+the quota is used up (``EDQUOT``), the folder is read-only — is a one-line
+:class:`CheckpointWriteError` naming the folder, how much was being written and what to do; the
+partly written ``.tmp`` folder is removed, and the checkpoints (and saved models) written before are
+left as they were, so ``--resume`` continues from the newest of them.
+
 Nested states (an optimizer's ``state_dict``) are stored as JSON with each tensor replaced by
 ``{"$tensor": "<key>"}`` (its key in the ``.safetensors`` file); tuples, dicts with non-string keys
 and non-finite floats have their own ``$`` markers, so a state reads back equal to what was written.
@@ -27,6 +33,7 @@ unpickled: see :func:`legacy_checkpoints`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -44,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moon.data.safe_open import MAX_JSON_DEPTH, read_json
-from moon.errors import DataError
+from moon.errors import DataError, TrainingError
 
 FORMAT = 1
 MANIFEST = "checkpoint.json"
@@ -60,6 +67,87 @@ MAX_STATE_JSON_BYTES = 64 << 20
 
 class CheckpointError(DataError):
     """A checkpoint is incomplete, damaged or in a format MOON does not load."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint or saved model could not be written (a full disk, a used-up quota, a read-only
+    folder); what was written before is kept, and the partly written folder removed."""
+
+
+#: errnos that mean "no room left": a full file system, a used-up disk quota
+DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of the tensors and arrays in a (nested) state: about what a checkpoint writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n:,} bytes"
+    for unit, scale in (("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)):
+        if n < scale << 10 or unit == "GiB":
+            return f"{n / scale:,.1f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _free(path: Path) -> str:
+    """``"1.2 GiB free"`` on the file system of ``path`` (or of its nearest existing parent)."""
+    for p in (path, *path.parents):
+        try:
+            return f"{_size(shutil.disk_usage(p).free)} free"
+        except OSError:
+            continue
+    return "free space unknown"  # pragma: no cover
+
+
+def _write_error(
+    exc: OSError, what: str, where: Path, nbytes: int | None, kept: str, fewer: str = ""
+) -> CheckpointWriteError:
+    """The one-line error of a failed write of ``what`` into the folder ``where``."""
+    about = f"about {_size(nbytes)} to write, " if nbytes else ""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else _brief(exc)
+    if exc.errno in DISK_FULL:
+        full = "disk quota exceeded" if exc.errno == getattr(errno, "EDQUOT", None) else "disk full"
+        return CheckpointWriteError(
+            f"{full} while writing {what} to {where} ({about}{_free(where)}; {reason}); {kept}. "
+            f"Free space on that disk{fewer}, then continue with --resume"
+        )
+    return CheckpointWriteError(
+        f"could not write {what} to {where} ({about}{reason}); {kept}. Fix that, then continue with --resume"
+    )
+
+
+def _ckpt_write_error(
+    exc: OSError, run_dir: str | os.PathLike, step: int, tmp: Path, nbytes: int | None
+) -> CheckpointWriteError:
+    """Remove the partly written ``tmp`` and describe the failed write of the checkpoint of ``step``."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    found = list_checkpoints(run_dir)
+    kept = "the partly written checkpoint was removed; " + (
+        f"the earlier checkpoints are intact (newest: {found[-1][1].name})" if found else "there is no earlier one"
+    )
+    fewer = ", or checkpoint less often (run.ckpt_every) or keep fewer (run.keep_last)"
+    return _write_error(exc, f"checkpoint {checkpoint_dir(run_dir, step).name}", tmp.parent, nbytes, kept, fewer)
+
+
+def _as_os_error(exc: Exception, path: Path) -> OSError | None:
+    """The ``OSError`` inside a safetensors error (``… I/O error: No space left on device (os error 28)``)."""
+    m = _OS_ERROR.search(str(exc))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -224,7 +312,13 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             t = t.clone()
         seen.add(ptr)
         out[k] = t
-    save_file(out, str(path))
+    try:
+        save_file(out, str(path))
+    except SafetensorError as exc:  # safetensors reports a full disk as "I/O error: … (os error 28)"
+        os_error = _as_os_error(exc, path)
+        if os_error is None:
+            raise
+        raise os_error from exc
     _fsync(path)
 
 
@@ -281,14 +375,25 @@ def _load_state(directory: Path, name: str, listed: set[str] | None = None) -> d
 def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
     """Create (fresh) the temporary directory of the checkpoint of ``step``."""
     tmp = checkpoint_dir(run_dir, step).with_suffix(".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _ckpt_write_error(exc, run_dir, step, tmp, None) from exc
     return tmp
 
 
 def write_rng(tmp: Path, rank: int) -> None:
-    _save_state(rng_state(), tmp, f"rng-rank{rank}")
+    """Write this rank's RNG states into ``tmp``; a failed write removes ``tmp`` (the checkpoint
+    is lost, none before it) and is a one-line :class:`CheckpointWriteError`."""
+    state = rng_state()
+    try:
+        _save_state(state, tmp, f"rng-rank{rank}")
+    except OSError as exc:
+        m = _NAME.match(tmp.name.removesuffix(".tmp"))
+        step = int(m.group(1)) if m else 0
+        raise _ckpt_write_error(exc, tmp.parent.parent, step, tmp, _nbytes(state)) from exc
 
 
 def finish_checkpoint(
@@ -296,19 +401,26 @@ def finish_checkpoint(
 ) -> Path:
     """Write the model and trainer files and ``checkpoint.json`` (the size and sha256 of every other
     file, hashed from disk after each was written and fsynced) into ``tmp``, rename it into place,
-    prune old ones."""
-    _save_tensors(model, tmp / "model.safetensors")
-    _save_state(trainer, tmp, "trainer")
-    files: dict[str, int] = {}
-    hashes: dict[str, str] = {}
-    for p in sorted(tmp.iterdir()):
-        if p.name != MANIFEST:
-            files[p.name], hashes[p.name] = _digest(p)
-    _save_json({"format": FORMAT, "step": step, "files": files, "sha256": hashes}, tmp / MANIFEST)
-    final = checkpoint_dir(run_dir, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    prune old ones.
+
+    A write that fails (``OSError``: a full disk, a used-up quota, …) removes ``tmp`` and raises a
+    one-line :class:`CheckpointWriteError`; the checkpoints written before are not touched (old ones
+    are pruned only after the new one is in place)."""
+    try:
+        _save_tensors(model, tmp / "model.safetensors")
+        _save_state(trainer, tmp, "trainer")
+        files: dict[str, int] = {}
+        hashes: dict[str, str] = {}
+        for p in sorted(tmp.iterdir()):
+            if p.name != MANIFEST:
+                files[p.name], hashes[p.name] = _digest(p)
+        _save_json({"format": FORMAT, "step": step, "files": files, "sha256": hashes}, tmp / MANIFEST)
+        final = checkpoint_dir(run_dir, step)
+        if final.exists():  # (only a damaged one: --resume continues from the newest readable checkpoint)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise _ckpt_write_error(exc, run_dir, step, tmp, _nbytes(model) + _nbytes(trainer)) from exc
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -728,12 +840,28 @@ def expected_states(
 
 
 def save_pretrained_atomic(model: Any, directory: str | os.PathLike) -> Path:
-    """``model.save_pretrained`` into a temp directory, then swap it in for ``directory``."""
+    """``model.save_pretrained`` into a temp directory, then swap it in for ``directory``.
+
+    A write that fails (a full disk, …) removes the temp directory, leaves ``directory`` as it was
+    and raises a one-line :class:`CheckpointWriteError`."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            model.save_pretrained(str(tmp))
+        except SafetensorError as exc:
+            os_error = _as_os_error(exc, tmp)
+            if os_error is None:
+                raise
+            raise os_error from exc
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        params = getattr(model, "parameters", None)
+        nbytes = sum(p.numel() * p.element_size() for p in params()) if callable(params) else None
+        kept = f"{final} was left as it was" + ("" if final.exists() else " (there was none)")
+        raise _write_error(exc, f"the model {final.name}/", final.parent, nbytes, kept) from exc
     old = final.with_name(final.name + ".old")
     if final.exists():
         if old.exists():

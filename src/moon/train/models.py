@@ -24,7 +24,7 @@ def build_model(spec: str, overrides: dict[str, Any] | None = None, *, allow_pyt
       user's own command line or config, never for one read from a data file (an index manifest, a
       run directory, a store);
     * anything else (``dual-encoder``, ``pretrained-towers``, ``family:DIR``) →
-      ``moon.embedders.load_embedder(spec, **overrides)``.
+      ``moon.models.load_embedder(spec, **overrides)``.
 
     Raises :class:`ConfigError` when the result cannot be trained (not a TrainableEmbedder).
     """
@@ -42,7 +42,7 @@ def build_model(spec: str, overrides: dict[str, Any] | None = None, *, allow_pyt
             raise ConfigError(f"model.spec {spec!r}: cannot import {module_name}:{attr} ({exc})") from exc
         model = factory(**overrides)
     else:
-        from moon.embedders import load_embedder, saved_family
+        from moon.models import load_embedder, saved_family
 
         is_dir = Path(spec).is_dir()
         family = saved_family(spec) if is_dir else None
