@@ -70,7 +70,7 @@ class HashEmbedder:
 def embedder_for(model: str):
     if model == "hash":
         return HashEmbedder()
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     return load_embedder(model)
 

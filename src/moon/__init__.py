@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return MoonEmbedder
     if name == "load_embedder":
-        from moon.embedders import load_embedder
+        from moon.models import load_embedder
 
         return load_embedder
     raise AttributeError(f"module 'moon' has no attribute {name!r}")

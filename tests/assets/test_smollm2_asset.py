@@ -67,7 +67,7 @@ def test_zero_shot_text_to_product_beats_chance(converted, tmp_path, monkeypatch
     bought product of a text query far above chance: the LM's pretraining carries over."""
     monkeypatch.setenv("MOON_CACHE", str(converted.parent.parent))
     from moon.bench.runner import evaluate
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
     from moon.world import synthesize
 
     store = synthesize(tmp_path / "world", n_products=60, seed=3, profile="small", show_progress=False)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from moon.bench.baselines.persistence import WEIGHTS_FILE, read_saved
-from moon.embedders import EMBEDDER_FILE
 from moon.errors import ConfigError
+from moon.models import EMBEDDER_FILE
 
 
 def _saved(tmp_path, meta_bytes: bytes | None):

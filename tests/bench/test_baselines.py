@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from moon.bench import evaluate
-from moon.bench.baselines import create_trainable
 from moon.data import ProductStore
-from moon.embedders import load_embedder
 from moon.errors import ConfigError
+from moon.models import load_embedder
 
 SMALL_DUAL = {"dim": 32, "hidden": 32, "layers": 1, "heads": 2, "image_size": 32, "max_text_len": 48}
 
@@ -47,8 +46,8 @@ def test_random_is_deterministic_and_normalised(store_dir):
 
 def test_dual_encoder_end_to_end_save_load_and_training(store_dir, tmp_path):
     store = ProductStore(store_dir)
-    model = load_embedder("dual-encoder", **SMALL_DUAL)
-    again = create_trainable("dual-encoder", **SMALL_DUAL)
+    model = load_embedder("dual-encoder", overrides=SMALL_DUAL)
+    again = load_embedder("dual-encoder", trainable=True, overrides=SMALL_DUAL)
     assert model.fingerprint() == again.fingerprint()  # seeded init
     result = evaluate(model, store)
     assert {t.spec.name for t in result.tasks} >= {
@@ -74,7 +73,7 @@ def test_dual_encoder_end_to_end_save_load_and_training(store_dir, tmp_path):
 
 def test_dual_encoder_batch_invariance_and_fusion(store_dir):
     store = ProductStore(store_dir)
-    model = load_embedder("dual-encoder", **SMALL_DUAL)
+    model = load_embedder("dual-encoder", overrides=SMALL_DUAL)
     products = store.products()
     together = model.encode_products(products, batch_size=16)
     alone = np.stack([model.encode_products([p])[0] for p in products[:4]])
@@ -88,14 +87,14 @@ def test_dual_encoder_batch_invariance_and_fusion(store_dir):
 
 
 def test_default_dual_encoder_size():
-    counts = create_trainable("dual-encoder").parameter_counts()
+    counts = load_embedder("dual-encoder", trainable=True).parameter_counts()
     assert 3_000_000 < counts["non_embedding"] < 5_000_000
 
 
 @pytest.mark.slow
 def test_pretrained_towers_end_to_end(store_dir, tmp_path):
     store = ProductStore(store_dir)
-    model = load_embedder("pretrained-towers", image_size=64, dim=64)
+    model = load_embedder("pretrained-towers", overrides={"image_size": 64, "dim": 64})
     assert sum(p.numel() for p in model.parameters()) == (1280 + 1) * 64 + (384 + 1) * 64  # heads only
     result = evaluate(model, store, tasks=["retrieval", "attribute-color", "classification-l1"])
     assert all(t.main_score is not None for t in result.tasks)
@@ -114,4 +113,4 @@ def test_external_adapters_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="GME"):
         load_embedder(f"gme:{tmp_path}")
     with pytest.raises(ConfigError, match="unknown option"):
-        create_trainable("dual-encoder", hiden=3)
+        load_embedder("dual-encoder", trainable=True, overrides={"hiden": 3})

@@ -318,7 +318,7 @@ def test_per_query_scores_from_an_evaluation_feed_the_bootstrap(store_dir):
     """Per-query Recall@10 from an in-memory EvalResult averages to the reported metric, and compares."""
     from moon.bench import evaluate
     from moon.bench.metrics import recall_at_k
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     first, second = (evaluate(load_embedder(f"random:{s}"), store_dir, tasks=["retrieval"]) for s in (0, 1))
     checked = 0
@@ -344,7 +344,7 @@ def test_per_query_scores_from_rankings_jsonl_average_to_the_reported_metrics(st
     from moon.bench import evaluate
     from moon.bench.report import write_results
     from moon.bench.stats import align, per_query_scores
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     outs = []
     for s in (0, 1):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from moon.bench import evaluate, write_comparison, write_results
-from moon.embedders import load_embedder
 from moon.model.graft import FEATURE_CACHE
+from moon.models import load_embedder
 
 world = pytest.importorskip("moon.world")
 
@@ -32,7 +32,7 @@ def test_all_baselines_end_to_end_on_a_world(world_dir, tmp_path):
     store = ProductStore(world_dir, crop_source="truth")
     dirs = []
     for spec, overrides in BASELINES.items():
-        model = load_embedder(spec, **overrides)
+        model = load_embedder(spec, overrides=overrides)
         result = evaluate(model, store, split="test")
         names = {t.spec.name for t in result.tasks}
         assert {"text2product", "image2product", "multimodal2product", "product2product"} <= names

@@ -265,17 +265,17 @@ def test_store_tables_and_manifests_that_are_not_files_are_refused(store, tmp_pa
 # ------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     path = tmp_path_factory.mktemp("models") / "de"
-    load_embedder("dual-encoder", **TINY).save_pretrained(str(path))
+    load_embedder("dual-encoder", overrides=TINY).save_pretrained(str(path))
     return path
 
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, tiny_model) -> Path:
-    from moon.embedders import load_embedder
     from moon.index import build_index
+    from moon.models import load_embedder
 
     root = tmp_path_factory.mktemp("indexed")
     good = _make_store(root / "store")

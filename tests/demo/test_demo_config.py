@@ -142,7 +142,11 @@ def test_ablation_config_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize(
     "name, spec, steps",
-    [("ablate-small.yaml", "moon-small", 80), ("ablate-tiny.yaml", "moon-tiny", 80), ("ablate-smol.yaml", "moon-smol", 60)],
+    [
+        ("ablate-small.yaml", "moon-small", 80),
+        ("ablate-tiny.yaml", "moon-tiny", 80),
+        ("ablate-smol.yaml", "moon-smol", 60),
+    ],
 )
 def test_shipped_ablation_config_parses(name, spec, steps):
     from pathlib import Path
@@ -198,8 +202,14 @@ def _rankings(path, hits, n=40):
     rows = []
     for i in range(n):
         ranked = [f"p{i}"] + [f"x{j}" for j in range(9)] if i < hits else [f"x{j}" for j in range(10)]
-        rows.append({"task": "text2product", "query_id": f"q{i}", "ranked_product_ids": ranked,
-                     "relevant_product_ids": [f"p{i}"]})
+        rows.append(
+            {
+                "task": "text2product",
+                "query_id": f"q{i}",
+                "ranked_product_ids": ranked,
+                "relevant_product_ids": [f"p{i}"],
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -235,8 +245,11 @@ def test_variants_are_compared_with_full_by_queries_and_by_seeds(tmp_path):
 def test_with_queue_claims_the_other_direction():
     from moon.demo.ablate import compare_to_baseline
 
-    scores = {"full": [{"m": 0.5}, {"m": 0.52}, {"m": 0.49}], "with-queue": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}],
-              "no-hard": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}]}
+    scores = {
+        "full": [{"m": 0.5}, {"m": 0.52}, {"m": 0.49}],
+        "with-queue": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}],
+        "no-hard": [{"m": 0.6}, {"m": 0.63}, {"m": 0.61}],
+    }
     cmp = compare_to_baseline(scores)
     assert cmp["with-queue"]["m"]["claim"] == "supported"  # the queue helps: the variant is better
     assert cmp["no-hard"]["m"]["claim"] == "contradicted"  # removing hard negatives helped: against the paper
@@ -251,7 +264,12 @@ def test_a_tiny_ablation_runs_end_to_end_and_compares_with_full(tmp_path):
         seeds=[0, 1],
         variants=["full", "dense"],
         demo=DemoConfig(
-            models=[], products=40, detector_epochs=1, detector_max_images=40, steps=2, batch_size=4,
+            models=[],
+            products=40,
+            detector_epochs=1,
+            detector_max_images=40,
+            steps=2,
+            batch_size=4,
             eval_max_queries=20,
         ),
     )

@@ -94,9 +94,9 @@ def toy_store(tmp_path):
 def toy_family(toy_embedder):
     """Registers the ToyEmbedder as family ``toy`` (``--model toy`` works in this process;
     ``toy:SALT`` gives another fingerprint)."""
-    from moon.embedders import _FACTORIES, register_embedder
+    from moon.models import Family, register_family, unregister_family
 
     toy_class = type(toy_embedder)
-    register_embedder("toy", lambda arg: toy_class(arg or ""))
+    register_family(Family("toy", lambda arg: toy_class(arg or "")))
     yield
-    _FACTORIES.pop("toy", None)
+    unregister_family("toy")

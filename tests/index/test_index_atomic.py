@@ -49,8 +49,8 @@ WORKER = textwrap.dedent(
     spec = importlib.util.spec_from_file_location("moon_test_toys", sys.argv[1])
     toys = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toys)
-    from moon.embedders import register_embedder
-    register_embedder("toy", lambda arg: toys.ToyEmbedder(arg or ""))
+    from moon.models import Family, register_family
+    register_family(Family("toy", lambda arg: toys.ToyEmbedder(arg or "")))
     from moon.cli import main
     ready, go, commands = Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
     ready.touch()

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from moon.cli import main
-from moon.embedders import load_embedder
 from moon.errors import ConfigError, MoonError
 from moon.index import IndexFormatError, VectorIndex, build_index, read_manifest
+from moon.models import load_embedder
 
 TINY = {"dim": 16, "hidden": 32, "layers": 1, "heads": 2, "image_size": 32, "patch": 16, "max_text_len": 16}
 
@@ -27,7 +27,7 @@ TINY = {"dim": 16, "hidden": 32, "layers": 1, "heads": 2, "image_size": 32, "pat
 @pytest.fixture
 def saved_model(tmp_path):
     """A small dual-encoder saved by ``save_pretrained`` (safetensors + embedder.json)."""
-    model = load_embedder("dual-encoder", **TINY)
+    model = load_embedder("dual-encoder", overrides=TINY)
     model.save_pretrained(str(tmp_path / "models" / "de"))
     return tmp_path / "models" / "de"
 

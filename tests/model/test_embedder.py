@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from moon.embedders import load_embedder
 from moon.model import MoonEmbedder
+from moon.models import load_embedder
 
 
 def _alone(encode, records):

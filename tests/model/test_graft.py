@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from moon.embedders import load_embedder
 from moon.errors import ConfigError
 from moon.model import MoonEmbedder
 from moon.model.config import ASPECTS
 from moon.model.graft import FEATURE_CACHE, GraftModel
+from moon.models import load_embedder
 
 VISUAL = (ASPECTS.index("vision"), ASPECTS.index("crop"))
 
@@ -74,7 +74,9 @@ def test_upcycled_moe_computes_what_the_dense_lm_computes(graft, products, queri
         ours = dense.hidden_states(batch)
     hook.remove()
     with torch.no_grad():
-        theirs = base.lm(inputs_embeds=captured["inputs_embeds"], attention_mask=batch["attention_mask"]).last_hidden_state
+        theirs = base.lm(
+            inputs_embeds=captured["inputs_embeds"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -333,9 +335,7 @@ def test_encoding_batches_the_images_of_many_records_at_once(tmp_path):
 def test_image_precision_is_a_switch_with_its_own_cache_namespace(tmp_path):
     paths = _images(tmp_path, 2, "q")
     fp32 = MoonEmbedder.from_pretrained("moon-graft-tiny", device="cpu", seed=3)
-    bf16 = MoonEmbedder.from_pretrained(
-        "moon-graft-tiny", device="cpu", seed=3, graft={"image_precision": "bf16"}
-    )
+    bf16 = MoonEmbedder.from_pretrained("moon-graft-tiny", device="cpu", seed=3, graft={"image_precision": "bf16"})
     f32, f16 = fp32.backbone.frozen_features, bf16.backbone.frozen_features
     assert f32.key() != f16.key()  # bf16 features are never served for a float32 model
     a, b = f32(paths), f16(paths)

@@ -16,9 +16,9 @@ import os
 import pytest
 
 from moon.data import Product, write_store
-from moon.embedders import EMBEDDER_FILE, MAX_EMBEDDER_JSON_BYTES, load_embedder, saved_family
 from moon.errors import ConfigError
 from moon.model import MoonEmbedder
+from moon.models import EMBEDDER_FILE, MAX_EMBEDDER_JSON_BYTES, load_embedder, saved_family
 
 
 @pytest.fixture

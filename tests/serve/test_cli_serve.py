@@ -3,16 +3,16 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from moon.cli import cli
-from moon.embedders import _FACTORIES, register_embedder
+from moon.models import Family, register_family, unregister_family
 from moon.serve.server import MoonH11Protocol
 
 
 @pytest.fixture
 def toy_family(served_index):
     _, _, embedder = served_index
-    register_embedder("toy", lambda arg: type(embedder)(arg or ""))
+    register_family(Family("toy", lambda arg: type(embedder)(arg or "")))
     yield
-    _FACTORIES.pop("toy", None)
+    unregister_family("toy")
 
 
 def test_serve_passes_host_port_and_limits_to_uvicorn(served_index, toy_family, monkeypatch):

@@ -13,8 +13,8 @@ pytest.importorskip("moon.model")  # temporary guard while moon.model is being w
 @pytest.mark.slow
 def test_moon_tiny_index_and_api_agree_with_the_embedder(tmp_path, served_index):
     from moon.data import Query, load_image
-    from moon.embedders import load_embedder
     from moon.index import VectorIndex, build_index, read_manifest
+    from moon.models import load_embedder
     from moon.serve import create_app
 
     _, store, _ = served_index

@@ -271,11 +271,11 @@ def _expect(store: Path) -> ckpt.Expected:
     from moon.train.dataset import open_training_data
     from moon.train.losses import ContrastiveLoss
     from moon.train.memory import MemoryQueue
-    from moon.train.models import build_model
     from moon.train.optim import build_optimizer, build_scheduler
+    from moon.train.tuning import build_trainable
 
     config = toy_run_config(store, store.parent / "unused")
-    model = build_model(config.model.spec, config.model.overrides, allow_python=True)
+    model = build_trainable(config.model.spec, config.model.overrides)
     loss = ContrastiveLoss(config.loss.temperature, learnable=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + [("loss.log_scale", loss.log_scale)]
     optimizer = build_optimizer(named, config.optim)

@@ -102,12 +102,12 @@ def test_print_config_shows_the_resolved_recipe(capsys):
     assert "steps: 3" in text and "queue_size: 8" in text
 
 
-def test_build_model_dispatch_and_errors():
-    from moon.train import build_model
+def test_build_trainable_dispatch_and_errors():
+    from moon.train import build_trainable
 
-    toy = build_model("py:toy_embedder:make_toy", {"dim": 4}, allow_python=True)
+    toy = build_trainable("py:toy_embedder:make_toy", {"dim": 4})
     assert toy.dim == 4
     with pytest.raises(ConfigError, match="cannot import"):
-        build_model("py:no_such_module:factory", allow_python=True)
-    with pytest.raises(ConfigError, match="is not trainable"):
-        build_model("random")
+        build_trainable("py:no_such_module:factory")
+    with pytest.raises(ConfigError, match="'random' family cannot be trained"):
+        build_trainable("random")

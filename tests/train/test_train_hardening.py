@@ -213,7 +213,7 @@ def test_huge_batch_size_from_the_cli_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_py_specs_need_the_callers_explicit_consent(tmp_path):
-    from moon.train import build_model
+    from moon.models import load_embedder
 
     marker = tmp_path / "ran"
     mod = tmp_path / "planted_factory.py"
@@ -223,7 +223,7 @@ def test_py_specs_need_the_callers_explicit_consent(tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         with pytest.raises(ConfigError, match="runs Python code"):
-            build_model("py:planted_factory:make")
+            load_embedder("py:planted_factory:make", trainable=True)
     finally:
         sys.path.remove(str(tmp_path))
     assert not marker.exists()

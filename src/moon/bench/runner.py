@@ -26,7 +26,7 @@ from moon.bench.search import exact_search
 from moon.bench.tasks import TaskSpec, attribute_label_text, available_tasks, label_text, select_tasks
 from moon.data.records import Product, Query
 from moon.data.store import ProductStore
-from moon.embedders import Embedder
+from moon.models import Embedder
 
 #: How many candidates each query's ranking keeps (rankings.jsonl, curves).
 TOP_K = 100

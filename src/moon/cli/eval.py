@@ -99,7 +99,7 @@ def eval_cmd(
     from moon.bench import DEFAULT_CACHE_DIR, EmbeddingCache, evaluate, write_results
     from moon.bench.report import markdown_table
     from moon.data import ProductStore
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     store = ProductStore(data, crop_source=crop_source)
     embedder = load_embedder(model)

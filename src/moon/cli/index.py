@@ -58,7 +58,7 @@ def build(
     """
     from moon.errors import ConfigError
     from moon.index import build_index
-    from moon.index.references import load_user_embedder
+    from moon.models import load_embedder
 
     parsed = {}
     for item in params:
@@ -69,7 +69,7 @@ def build(
             parsed[key] = int(value)
         except ValueError as exc:
             raise ConfigError(f"--param {item!r}: the value must be an integer") from exc
-    embedder = load_user_embedder(model, trust_remote_code=trust_remote_code)
+    embedder = load_embedder(model, trust_remote_code=trust_remote_code)
     idx = build_index(
         embedder,
         data,

@@ -18,7 +18,7 @@ from moon.errors import ConfigError
 class ModelRun:
     """One model trained and evaluated by the demo.
 
-    ``spec`` and ``overrides`` go to :func:`moon.train.build_model`; ``crops`` feeds the learned
+    ``spec`` and ``overrides`` go to :func:`moon.models.load_embedder`; ``crops`` feeds the learned
     detector's crops; ``train`` False evaluates the model as it is (the ``random`` floor).
     """
 
@@ -38,11 +38,16 @@ PRETRAINED_LR = {"optim.lr": 1e-4}
 def default_models() -> list[ModelRun]:
     return [
         # moon-smol: EfficientNet-Lite0 + SmolLM2-135M (pretrained, installed offline by make setup)
-        ModelRun("MOON (moon-smol)", "moon-smol",
-                 train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"projector": 10.0}}),
+        ModelRun(
+            "MOON (moon-smol)", "moon-smol", train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"projector": 10.0}}
+        ),
         # the CLIP-style two-tower built from the same pretrained parts, trained alike
-        ModelRun("two-tower (same parts)", "two-tower", crops=False,
-                 train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"head": 10.0}}),
+        ModelRun(
+            "two-tower (same parts)",
+            "two-tower",
+            crops=False,
+            train_overrides={**PRETRAINED_LR, "optim.lr_scale": {"head": 10.0}},
+        ),
         ModelRun("pretrained-towers", "pretrained-towers", crops=False),
         ModelRun("random", "random", crops=False, train=False),
     ]
@@ -286,7 +291,7 @@ def _evaluate(
     from moon.bench.report import write_results
     from moon.bench.runner import evaluate
     from moon.data import ProductStore
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
 
     checkpoint = None
     if trained is not None:

@@ -376,7 +376,7 @@ HEATMAP_NOTE = (
 def _model_pictures(model_dir: str, store_dir: str, out: Path) -> dict[str, Any]:
     """Routing map, heat-maps and the embedding map for a trained MOON model."""
     from moon.data import ProductStore, load_image
-    from moon.embedders import load_embedder
+    from moon.models import load_embedder
     from moon.viz import plot_embedding_map, plot_heatmaps, plot_routing_map
 
     pics: dict[str, Any] = {}

@@ -13,20 +13,19 @@ import numpy as np
 
 from moon import progress
 from moon.data import Product, ProductStore
-from moon.embedders import Embedder
 from moon.errors import ConfigError, DataError, MoonError
 from moon.index.atomic import check_index_target, index_lock, new_staging
 from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT, apply_search_params, choose_kind, default_params
 from moon.index.manifest import MANIFEST_FILE, IndexManifest
 from moon.index.recall import exact_topk, recall_at_k
 from moon.index.references import (
-    load_user_embedder,
     manifest_model_spec,
     manifest_store_dir,
     model_reference,
     store_reference,
 )
 from moon.index.vector_index import VectorIndex
+from moon.models import Embedder, load_embedder
 
 RECALL_K = 10
 
@@ -57,11 +56,8 @@ def load_index_embedder(
     directories (:func:`moon.index.references.manifest_model_spec`), never code.
     """
     spec = model if model is not None else manifest_model_spec(manifest, index_dir)
-    embedder = load_user_embedder(spec, trust_remote_code=trust_remote_code) if model is not None else None
-    if embedder is None:
-        from moon.embedders import load_embedder
-
-        embedder = load_embedder(spec)
+    # the user's own --model may carry their --trust-remote-code; a manifest's spec never does
+    embedder = load_embedder(spec, trust_remote_code=trust_remote_code and model is not None)
     check_embedder(manifest, embedder, where=f"index {index_dir}")
     return embedder
 

@@ -9,10 +9,15 @@ A manifest is a data file: whoever wrote it may not be the user running ``moon s
 :func:`manifest_model_spec` only ever returns specs that load weights without running code or
 reaching a model hub:
 
-* a preset name (``moon-tiny``, ``moon-small`` …) or a seeded baseline (``random``, ``random:SEED``,
-  ``dual-encoder``, ``pretrained-towers``);
-* a directory saved by ``save_pretrained`` of the ``moon``, ``dual-encoder`` or
-  ``pretrained-towers`` family (safetensors), or a transformers Qwen-VL directory (no remote code).
+* a preset name (``moon-tiny``, ``moon-small`` …) or a model built in code from installed assets
+  (``random``, ``random:SEED``, ``dual-encoder``, ``pretrained-towers``, ``two-tower``,
+  ``two-tower:PRESET``);
+* a directory saved by ``save_pretrained`` of a family that saves plain weights (``moon``,
+  ``dual-encoder``, ``pretrained-towers``, ``two-tower``: safetensors), or a transformers Qwen-VL
+  directory (no remote code).
+
+Which families are which is each family's own policy, stated once in :mod:`moon.models.registry`
+and applied by :mod:`moon.models.trust`.
 
 A directory is refused, before anything in it is loaded, when a transformers file in it or in a
 folder inside it (``backbone/``, ``backbone/lm/``, ``processor/`` …) has an ``auto_map``: that key
@@ -28,7 +33,6 @@ themselves if they trust it.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,12 +40,9 @@ from typing import Any
 from moon.data.safe_open import read_json
 from moon.errors import ConfigError, DataError
 from moon.index.manifest import IndexFormatError
+from moon.models.saved import saved_family
+from moon.models.trust import named_spec_is_safe, saved_dir_prefix, saved_family_is_safe
 
-#: families whose saved directories and fresh instances are plain weights (safetensors + JSON)
-SAFE_FAMILIES = ("moon", "dual-encoder", "pretrained-towers")
-#: families that may appear bare (or ``random:SEED``) in a manifest: seeded, built in code
-_SEEDED = ("random", "dual-encoder", "pretrained-towers")
-_DIR_FAMILIES = ("dual-encoder", "pretrained-towers")
 #: the transformers files whose ``auto_map`` makes an Auto class import the checkpoint's own code
 CODE_MAP_FILES = (
     "config.json",
@@ -56,31 +57,15 @@ _CODE_MAP_MAX_DIRS = 256
 _CODE_MAP_MAX_BYTES = 64 << 20
 
 
-def _split(spec: str) -> tuple[str, str]:
-    """``"dual-encoder:DIR"`` → ``("dual-encoder:", "DIR")``; anything else → ``("", spec)``."""
-    family, sep, arg = spec.partition(":")
-    if sep and family in _DIR_FAMILIES and arg:
-        return family + ":", arg
-    return "", spec
-
-
 def model_reference(spec: str, index_dir: str | os.PathLike) -> dict[str, Any]:
     """Manifest fields for the model ``spec`` (as the user gave it): ``{"model", "model_relative"}``."""
-    prefix, path = _split(spec)
+    prefix, path = saved_dir_prefix(spec)
     p = Path(path)
     if not p.is_dir():
         return {"model": spec, "model_relative": None}
     absolute = p.resolve()
     relative = os.path.relpath(absolute, Path(index_dir).resolve())
     return {"model": prefix + str(absolute), "model_relative": prefix + relative}
-
-
-def _presets() -> set[str]:
-    try:
-        from moon.model.config import PRESETS
-    except ImportError:  # pragma: no cover - the model package is part of moon
-        return set()
-    return set(PRESETS)
 
 
 def _refuse(spec: str, where: str) -> ConfigError:
@@ -129,12 +114,10 @@ def check_no_custom_code(directory: str | os.PathLike, where: str) -> None:
 
 
 def _directory_spec(prefix: str, directory: Path, spec: str, where: str) -> str:
-    from moon.embedders import saved_family
-
     family = saved_family(str(directory))
     if prefix and family not in (None, prefix[:-1]):
         raise ConfigError(f"{where}: {directory} holds a {family!r} model, the manifest says {prefix[:-1]!r}")
-    if family is not None and family not in SAFE_FAMILIES:
+    if not saved_family_is_safe(family):
         raise _refuse(spec, where)
     check_no_custom_code(directory, where)
     return prefix + str(directory)
@@ -149,21 +132,20 @@ def manifest_model_spec(manifest: Any, index_dir: str | os.PathLike) -> str:
     root = Path(index_dir)
     where = f"{root / 'manifest.json'}"
     spec = str(manifest.model)
-    prefix, path = _split(spec)
+    prefix, path = saved_dir_prefix(spec)
     relative = getattr(manifest, "model_relative", None)
     legacy = int(getattr(manifest, "version", 1)) < 2  # before model_relative: paths were as typed
     candidates = []
     if Path(path).is_absolute():
         candidates.append(Path(path))
     if relative:
-        candidates.append(root / _split(str(relative))[1])
+        candidates.append(root / saved_dir_prefix(str(relative))[1])
     if legacy and not Path(path).is_absolute():
         candidates += [root / path, Path(path)]  # next to the index, then (as before) the working directory
     for directory in candidates:
         if directory.is_dir():
             return _directory_spec(prefix, directory.resolve(), spec, where)
-    family, _, arg = spec.partition(":")
-    if spec in _presets() or (family in _SEEDED and (not arg or (family == "random" and re.fullmatch(r"\d+", arg)))):
+    if named_spec_is_safe(spec):
         return spec
     looks_like_path = os.sep in path or path.startswith(".")
     if prefix or Path(path).is_absolute() or relative or (legacy and looks_like_path):
@@ -197,15 +179,3 @@ def manifest_store_dir(manifest: Any, index_dir: str | os.PathLike) -> Path:
         if (c / "manifest.json").is_file():
             return c
     return candidates[0] if candidates else recorded
-
-
-def load_user_embedder(spec: str, *, trust_remote_code: bool = False) -> Any:
-    """``moon.load_embedder(spec)`` for a spec the user typed (``--model``). ``trust_remote_code``
-    (the ``--trust-remote-code`` flag) reaches only the ``gme`` family, the one whose checkpoints
-    carry their own Python code; without it they are refused."""
-    from moon.embedders import load_embedder, saved_family
-
-    family = saved_family(spec) if Path(spec).is_dir() else spec.partition(":")[0]
-    if family == "gme" and trust_remote_code:
-        return load_embedder(spec, trust_remote_code=trust_remote_code)  # the user's explicit flag
-    return load_embedder(spec)

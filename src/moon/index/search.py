@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from moon.data import ProductStore, Query
 from moon.data.records import ImageRef
-from moon.embedders import Embedder
 from moon.errors import ConfigError
 from moon.index.vector_index import VectorIndex
+from moon.models import Embedder
 
 MAX_K = 100
 

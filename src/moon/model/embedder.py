@@ -5,7 +5,7 @@
 transformers Qwen-VL checkpoint directory or hub id, or any other causal LM directory / hub id
 (grafted onto an image encoder, see :mod:`moon.model.graft`). Everything that depends on the kind
 of backbone lives in its :class:`~moon.model.family.BackboneFamily`. Importing this module registers the
-``moon`` family with :func:`moon.embedders.load_embedder`.
+``moon`` family with :func:`moon.models.load_embedder`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moon.data import Product, Query
-from moon.embedders import EMBEDDER_FILE, has_embedder_file, read_embedder_meta, register_embedder
 from moon.errors import ConfigError
 from moon.model.backbone import SUPPORTED as SUPPORTED_QWEN
 from moon.model.backbone import (
@@ -38,6 +37,7 @@ from moon.model.inputs import EncodedInput, collate
 from moon.model.moe import RoutingState, aux_loss, checkpoint_context_fn, moe_layers, upcycle
 from moon.model.pooling import pool
 from moon.model.processors import load_tokenizer, qwen2_tokenizer
+from moon.models.saved import EMBEDDER_FILE, has_embedder_file, read_embedder_meta
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2  # 2: the graft family (a "family" key); version-1 directories are Qwen-VL and still load
@@ -467,10 +467,10 @@ def _strip_peft(key: str) -> str:
     return key.replace("backbone.base_model.model.", "backbone.").replace(".base_layer.", ".")
 
 
-def _factory(arg: str | None = None, **kwargs: Any) -> MoonEmbedder:
-    return MoonEmbedder.from_pretrained(arg or "moon-tiny", **kwargs)
+def load_moon(arg: str | None = None, **overrides: Any) -> MoonEmbedder:
+    """The ``moon`` family's loader (:mod:`moon.models.registry`): a preset, a saved directory or a
+    hub id (``moon-tiny`` when ``arg`` is ``None``), with MoonConfig overrides."""
+    return MoonEmbedder.from_pretrained(arg or "moon-tiny", **overrides)
 
 
-register_embedder("moon", _factory)
-
-__all__ = ["MoonEmbedder", "backbone_config_from_dict"]
+__all__ = ["MoonEmbedder", "backbone_config_from_dict", "load_moon"]

@@ -38,7 +38,7 @@ def load_embedder(
     * ``allow_python=True`` accepts a ``py:module:factory`` spec, which imports and runs that code:
       pass it only for a spec from the user's own command line or config, never for one read from
       a data file (an index manifest, a run directory, a store);
-    * ``trust_remote_code=True`` (the user's ``--trust-remote-code``) reaches only the families whose
+    * ``trust_remote_code`` (set only from the user's ``--trust-remote-code``) reaches only the families whose
       checkpoints carry their own code (``gme``); every other family never runs checkpoint code.
     """
     parsed = parse_spec(spec)

@@ -39,9 +39,9 @@ from starlette.requests import ClientDisconnect
 from moon import __version__
 from moon.data import ImageLoadError, ProductStore, Query, load_image
 from moon.data.safe_open import json_depth_exceeds
-from moon.embedders import Embedder
 from moon.errors import MoonError
 from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
+from moon.models import Embedder
 from moon.serve.body_limit import BodySizeLimit
 from moon.serve.errors import error_body
 from moon.serve.headers import SecurityHeaders, secure_headers

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from moon.train.config import PRESETS, TrainConfig, load_config
 from moon.train.loop import train
-from moon.train.models import build_model
+from moon.train.tuning import build_trainable
 
-__all__ = ["PRESETS", "TrainConfig", "build_model", "load_config", "train"]
+__all__ = ["PRESETS", "TrainConfig", "build_trainable", "load_config", "train"]

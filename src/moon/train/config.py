@@ -46,7 +46,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Which embedder to train: a spec string for :func:`moon.train.build_model` plus tuning switches."""
+    """Which embedder to train: a spec string for :func:`moon.models.load_embedder` plus tuning switches."""
 
     spec: str = "moon-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -432,7 +432,10 @@ def validate_config(config: TrainConfig, *, check_paths: bool = False) -> None:
     _range(o.warmup_steps, 0, MAX_STEPS, "optim.warmup_steps")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip: must be > 0 or empty, got {o.grad_clip}")
-    _check(isinstance(o.lr_scale, dict), f"optim.lr_scale: must be a mapping of name patterns to factors, got {o.lr_scale!r}")
+    _check(
+        isinstance(o.lr_scale, dict),
+        f"optim.lr_scale: must be a mapping of name patterns to factors, got {o.lr_scale!r}",
+    )
     for pattern, factor in o.lr_scale.items():
         try:
             re.compile(str(pattern))

@@ -106,7 +106,7 @@ def save_unsharded(
     """Write ``model`` with ``save_pretrained`` from a full copy built on rank 0 (collective).
 
     ``build(spec, overrides)`` and ``tune(model, model_config)`` rebuild the same architecture
-    (``moon.train.models.build_model`` / ``apply_tuning``); rank 0 holds a second, unsharded copy
+    (``moon.train.tuning.build_trainable`` / ``apply_tuning``); rank 0 holds a second, unsharded copy
     of the weights while writing.
     """
     state = full_model_state(model, trainable_only=False)

@@ -23,7 +23,6 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,11 @@ from moon.train.distributed import DistContext, average_gradients, barrier, broa
 from moon.train.losses import ContrastiveLoss
 from moon.train.memory import MemoryQueue
 from moon.train.metrics_log import MetricsLogger, truncate_metrics
-from moon.train.models import apply_tuning, build_model
 from moon.train.negatives import NegativeSettings
 from moon.train.optim import build_optimizer, build_scheduler
 from moon.train.sampler import BatchSampler
 from moon.train.step import ContrastiveStep
+from moon.train.tuning import apply_tuning, build_trainable
 from moon.train.validation import RECALL_KEY, embed_items, hit_and_recall_at_k
 
 # settings a resumed run may change; anything else must match the checkpointed config
@@ -158,7 +157,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before the data is read
     # the spec is from the caller's own config (the CLI's --config / --model / key=value), so a
     # py:module:factory spec is honoured; a run directory's saved config.yaml is only compared
-    model = build_model(config.model.spec, config.model.overrides, allow_python=True)
+    model = build_trainable(config.model.spec, config.model.overrides)
     apply_tuning(model, config.model)
     data = open_training_data(
         config.data.dir,  # type: ignore[arg-type]
@@ -419,7 +418,7 @@ def _save_embedder(model: Any, directory: Path, config: TrainConfig, ctx: DistCo
     if fsdp:
         from moon.train.fsdp import save_unsharded
 
-        save_unsharded(model, directory, config.model, ctx, partial(build_model, allow_python=True), apply_tuning)
+        save_unsharded(model, directory, config.model, ctx, build_trainable, apply_tuning)
     elif ctx.is_main:
         ckpt.save_pretrained_atomic(model, directory)
 

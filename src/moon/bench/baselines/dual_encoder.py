@@ -109,7 +109,7 @@ class TextTower(nn.Module):
 
 
 class DualEncoder(BatchedEncoding, nn.Module):
-    """CLIP-style two towers behind the :class:`moon.embedders.TrainableEmbedder` protocol."""
+    """CLIP-style two towers behind the :class:`moon.models.TrainableEmbedder` protocol."""
 
     def __init__(self, config: DualEncoderConfig | None = None, *, name: str = FAMILY):
         super().__init__()

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from moon.embedders import EMBEDDER_FILE, read_embedder_meta
 from moon.errors import ConfigError
+from moon.models import EMBEDDER_FILE, read_embedder_meta
 
 WEIGHTS_FILE = "model.safetensors"
 C = TypeVar("C")

@@ -109,7 +109,7 @@ def _head(in_dim: int, cfg: PretrainedTowersConfig) -> nn.Module:
 
 
 class PretrainedTowers(BatchedEncoding, nn.Module):
-    """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.embedders.TrainableEmbedder`)."""
+    """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.models.TrainableEmbedder`)."""
 
     def __init__(self, config: PretrainedTowersConfig | None = None, *, name: str = FAMILY):
         super().__init__()

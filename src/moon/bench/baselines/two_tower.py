@@ -78,7 +78,11 @@ class TwoTower(BatchedEncoding, nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(spec)
         hidden = int(self.lm.config.hidden_size)
         self.dim = hidden
-        encoder = build_image_encoder(spec.image_encoder, image_size=spec.image_size, pretrained=True)
+        with torch.random.fork_rng(devices=[]):
+            # a random encoder (tiny-cnn) is seeded as build_graft seeds it: it is not saved, so a
+            # reloaded two-tower must rebuild the same one (else its fingerprint and vectors change)
+            torch.manual_seed(self.config.seed + 7)
+            encoder = build_image_encoder(spec.image_encoder, image_size=spec.image_size, pretrained=True)
         encoder.requires_grad_(False).eval()
         object.__setattr__(self, "_encoder", encoder)  # frozen, from the asset: not saved, not trained
         self.features = FrozenImageFeatures(encoder, 1, spec.feature_cache)
