@@ -7,8 +7,8 @@ import copy
 import numpy as np
 from PIL import Image
 
-from moon.bench.baselines.chance import RandomEmbedder
 from moon.data import Product, Purchase, Query, write_store
+from moon.models.baselines.chance import RandomEmbedder
 
 LEAVES = [
     ["Fashion", "Shoes", "Sneakers"],

@@ -4,7 +4,7 @@
     result = evaluate(load_embedder("random"), "world/", split="test")
     write_results(result, "runs/eval-random")
 
-Baselines live in :mod:`moon.bench.baselines` (registered with :mod:`moon.models` on import).
+Baselines live in :mod:`moon.models.baselines` (loaded with :func:`moon.load_embedder`).
 """
 
 from moon.bench.cache import DEFAULT_CACHE_DIR, EmbeddingCache, records_hash

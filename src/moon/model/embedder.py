@@ -367,34 +367,22 @@ class MoonEmbedder(nn.Module):
     def _encode(
         self, records: list, build: Callable[[Any], EncodedInput], batch_size: int, show_progress: bool, what: str
     ) -> np.ndarray:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
-        out = np.zeros((len(records), self.dim), dtype=np.float32)
-        if not records:
-            return out
-        from moon import precision, progress
+        """The one encode loop (:func:`moon.models.encoding.encode_records`): image features of a
+        window of records first (in full batches), then length-sorted batches under autocast."""
+        from moon import precision
+        from moon.models.encoding import encode_records
 
-        was_training = self.training
-        self.eval()
-        window = batch_size * 16  # build and length-sort this many records at a time
-        try:
-            with (
-                torch.no_grad(),
-                precision.autocast(self.config.precision, self.device),
-                progress.bar(len(records), f"encode {what}", enabled=show_progress, unit=what) as bar,
-            ):
-                for start in range(0, len(records), window):
-                    self.inputs.prefetch(records[start : start + window])  # image features in full batches
-                    items = [build(r) for r in records[start : start + window]]
-                    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-                    for b in range(0, len(order), batch_size):
-                        idx = order[b : b + batch_size]
-                        vecs = self.forward(self.collate([items[i] for i in idx]))
-                        out[[start + i for i in idx]] = vecs.float().cpu().numpy()
-                        bar.update(len(idx))
-        finally:
-            self.train(was_training)
-        return out
+        return encode_records(
+            self,
+            records,
+            lambda window: [build(r) for r in window],
+            batch_size=batch_size,
+            show_progress=show_progress,
+            what=what,
+            prefetch=self.inputs.prefetch,
+            autocast=lambda: precision.autocast(self.config.precision, self.device),
+            length=len,
+        )
 
     # -- training helpers -------------------------------------------------------------------
     def gradient_checkpointing_enable(self) -> None:

@@ -68,14 +68,14 @@ _FAMILIES: dict[str, Family] = {
         ),
         Family(
             "random",
-            "moon.bench.baselines.chance:load_random",
+            "moon.models.baselines.chance:load_random",
             "content-blind unit vectors: the chance floor",
             fresh=True,
             seed_arg=True,
         ),
         Family(
             "dual-encoder",
-            "moon.bench.baselines.dual_encoder:load_dual_encoder",
+            "moon.models.baselines.dual_encoder:load_dual_encoder",
             "CLIP-style ViT + byte-level text transformer, from scratch",
             trainable=True,
             fresh=True,
@@ -83,7 +83,7 @@ _FAMILIES: dict[str, Family] = {
         ),
         Family(
             "pretrained-towers",
-            "moon.bench.baselines.pretrained_towers:load_pretrained_towers",
+            "moon.models.baselines.pretrained_towers:load_pretrained_towers",
             "frozen EfficientNet-Lite0 + MiniLM with trained heads",
             trainable=True,
             fresh=True,
@@ -91,7 +91,7 @@ _FAMILIES: dict[str, Family] = {
         ),
         Family(
             "two-tower",
-            "moon.bench.baselines.two_tower:load_two_tower",
+            "moon.models.baselines.two_tower:load_two_tower",
             "CLIP-style two towers from a MOON graft preset's pretrained parts",
             trainable=True,
             fresh=True,
@@ -100,12 +100,12 @@ _FAMILIES: dict[str, Family] = {
         ),
         Family(
             "open-clip",
-            "moon.bench.baselines.external:load_open_clip",
+            "moon.models.baselines.external:load_open_clip",
             "open_clip / SigLIP checkpoints you have (open-clip:ARCH[@PRETRAINED])",
         ),
         Family(
             "gme",
-            "moon.bench.baselines.external:load_gme",
+            "moon.models.baselines.external:load_gme",
             "GME-Qwen2-VL checkpoints you have (gme:DIR; their code runs only with --trust-remote-code)",
             remote_code=True,
         ),

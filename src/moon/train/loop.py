@@ -31,6 +31,7 @@ import torch
 
 from moon import progress
 from moon.errors import ConfigError, TrainingError
+from moon.models.encoding import encode_items
 from moon.train import checkpoints as ckpt
 from moon.train.collapse import CollapseWatch, RelapseWatch, chance_loss
 from moon.train.config import TrainConfig, config_from_dict, read_yaml, validate_config
@@ -44,7 +45,7 @@ from moon.train.optim import build_optimizer, build_scheduler
 from moon.train.sampler import BatchSampler
 from moon.train.step import ContrastiveStep
 from moon.train.tuning import apply_tuning, build_trainable
-from moon.train.validation import RECALL_KEY, embed_items, hit_and_recall_at_k
+from moon.train.validation import RECALL_KEY, hit_and_recall_at_k
 
 # settings a resumed run may change; anything else must match the checkpointed config
 _RESUME_MAY_CHANGE = {"run", "optim.steps"}
@@ -105,8 +106,8 @@ class Validator:
                     stacklevel=2,
                 )
         assert self._query_items is not None
-        p = embed_items(self.model, self._product_items, autocast=self.autocast)
-        q = embed_items(self.model, self._query_items, autocast=self.autocast)
+        p = encode_items(self.model, self._product_items, batch_size=32, autocast=self.autocast)
+        q = encode_items(self.model, self._query_items, batch_size=32, autocast=self.autocast)
         index = {str(x.id): i for i, x in enumerate(self.products)}
         relevant = [{index[pid] for pid in self.positives.get(x.id, ()) if pid in index} for x in self.queries]
         return hit_and_recall_at_k(q, p, relevant, k=10)

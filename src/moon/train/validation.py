@@ -16,30 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from moon.bench.metrics import mrr_at_k, recall_at_k
 from moon.bench.search import exact_search
 from moon.data import Product, Query
+from moon.models.encoding import encode_items
 
 HIT_KEY, RECALL_KEY = "val_hit@10", "val_recall@10"
-
-
-@torch.no_grad()
-def embed_items(
-    model: Any, items: Sequence[Any], *, batch_size: int = 32, autocast: Callable[[], Any] = contextlib.nullcontext
-) -> np.ndarray:
-    """``(n, dim)`` float32 vectors of model inputs, through ``collate``/``forward`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for i in range(0, len(items), batch_size):
-            with autocast():
-                out.append(model(model.collate(items[i : i + batch_size])).float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def hit_and_recall_at_k(
@@ -74,7 +57,7 @@ def validate_retrieval(
 ) -> dict[str, float] | None:
     """Hit@k and Recall@k (see the module docstring) of ``queries`` over all ``products``."""
     index = {str(p.id): i for i, p in enumerate(products)}
-    p_vecs = embed_items(model, model.build_product_inputs(products), batch_size=batch_size, autocast=autocast)
-    q_vecs = embed_items(model, model.build_query_inputs(queries), batch_size=batch_size, autocast=autocast)
+    p_vecs = encode_items(model, model.build_product_inputs(products), batch_size=batch_size, autocast=autocast)
+    q_vecs = encode_items(model, model.build_query_inputs(queries), batch_size=batch_size, autocast=autocast)
     relevant = [{index[p] for p in positives.get(q.id, ()) if p in index} for q in queries]
     return hit_and_recall_at_k(q_vecs, p_vecs, relevant, k=k)

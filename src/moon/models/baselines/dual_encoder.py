@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from moon.bench.baselines.byte_tokenizer import VOCAB_SIZE, encode_text, pad_batch
-from moon.bench.baselines.encoding import BatchedEncoding
-from moon.bench.baselines.fusion import fuse
-from moon.bench.baselines.persistence import (
+from moon.data.records import Product, Query, product_text
+from moon.models.baselines.byte_tokenizer import VOCAB_SIZE, encode_text, pad_batch
+from moon.models.baselines.fusion import fuse
+from moon.models.baselines.persistence import (
     config_with_overrides,
     read_saved,
     save_module,
     tensors_fingerprint,
 )
-from moon.bench.baselines.pixels import images_tensor
-from moon.data.records import Product, Query, product_text
+from moon.models.baselines.pixels import images_tensor
+from moon.models.encoding import TorchEncoding
 
 FAMILY = "dual-encoder"
 
@@ -108,7 +108,7 @@ class TextTower(nn.Module):
         return nn.functional.normalize(self.proj(pooled), dim=-1)
 
 
-class DualEncoder(BatchedEncoding, nn.Module):
+class DualEncoder(TorchEncoding, nn.Module):
     """CLIP-style two towers behind the :class:`moon.models.TrainableEmbedder` protocol."""
 
     def __init__(self, config: DualEncoderConfig | None = None, *, name: str = FAMILY):

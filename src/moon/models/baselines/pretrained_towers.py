@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from moon.bench.baselines.encoding import BatchedEncoding
-from moon.bench.baselines.fusion import fuse
-from moon.bench.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
+from moon.models.baselines.fusion import fuse
+from moon.models.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
+from moon.models.encoding import TorchEncoding
 
 FAMILY = "pretrained-towers"
 IMAGE_FEATURES = 1280
@@ -108,7 +108,7 @@ def _head(in_dim: int, cfg: PretrainedTowersConfig) -> nn.Module:
     return nn.Linear(in_dim, cfg.dim)
 
 
-class PretrainedTowers(BatchedEncoding, nn.Module):
+class PretrainedTowers(TorchEncoding, nn.Module):
     """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.models.TrainableEmbedder`)."""
 
     def __init__(self, config: PretrainedTowersConfig | None = None, *, name: str = FAMILY):

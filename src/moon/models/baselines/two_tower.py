@@ -7,7 +7,7 @@ a MOON graft preset** (an equal start).
 * text tower: the preset's causal LM (same kept layers, same tokenizer, same instruction prefixes),
   masked mean of its last hidden states — exactly MOON's pooling, on text alone;
 * a record's vector: ``normalize(w · mean(normalize(images)) + (1 − w) · normalize(text))``, the late
-  fusion of :mod:`moon.bench.baselines.fusion`.
+  fusion of :mod:`moon.models.baselines.fusion`.
 
 So the only difference from MOON is the architecture the paper argues about: images and text are
 encoded apart and fused late, instead of one sequence through one LM (and no MoE). It trains with the
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from moon.bench.baselines.encoding import BatchedEncoding
-from moon.bench.baselines.fusion import fuse
-from moon.bench.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
+from moon.models.baselines.fusion import fuse
+from moon.models.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
+from moon.models.encoding import TorchEncoding
 
 FAMILY = "two-tower"
 LM_DIR = "lm"
@@ -61,7 +61,7 @@ class TwoTowerConfig:
         return GraftConfig.from_dict(spec)
 
 
-class TwoTower(BatchedEncoding, nn.Module):
+class TwoTower(TorchEncoding, nn.Module):
     """Frozen image encoder + MLP, and a pretrained causal LM, fused late (a ``TrainableEmbedder``)."""
 
     def __init__(self, config: TwoTowerConfig | None = None, *, name: str = FAMILY, lm: nn.Module | None = None,

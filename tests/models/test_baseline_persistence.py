@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moon.bench.baselines.persistence import WEIGHTS_FILE, read_saved
 from moon.errors import ConfigError
 from moon.models import EMBEDDER_FILE
+from moon.models.baselines.persistence import WEIGHTS_FILE, read_saved
 
 
 def _saved(tmp_path, meta_bytes: bytes | None):
