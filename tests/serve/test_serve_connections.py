@@ -143,13 +143,13 @@ def test_a_connection_that_sends_nothing_is_closed(server):
 def test_the_read_deadline_does_not_cut_short_a_slow_search_or_keep_alive(server, monkeypatch):
     import moon.serve.app as app_module
 
-    real = app_module.search
+    real = app_module.nearest_products
 
     def slow_search(*args, **kwargs):
         time.sleep(READ_TIMEOUT + 0.5)  # the model is slower than the read timeout, not the client
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "search", slow_search)
+    monkeypatch.setattr(app_module, "nearest_products", slow_search)
     body = b'{"text": "red shoe", "k": 2}'
     request = (
         b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -303,7 +303,7 @@ def test_a_500_forbids_framing_too(served_index, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module, "search", broken)
+    monkeypatch.setattr(app_module, "nearest_products", broken)
     index_dir, _, embedder = served_index
     with TestClient(create_app(index_dir, embedder), raise_server_exceptions=False) as c:
         r = c.post("/search", json={"text": "hat"})
@@ -345,6 +345,14 @@ BAD_OPTIONS = [
     ("--max-text", "-10"),
     ("--max-k", "0"),
     ("--max-k", "101"),
+    ("--max-batch", "0"),
+    ("--max-batch", "4097"),
+    ("--max-batch", "many"),
+    ("--max-wait-ms", "nan"),
+    ("--max-wait-ms", "-1"),
+    ("--max-wait-ms", "1001"),
+    ("--max-queue", "0"),
+    ("--max-queue", "1.5"),
 ]
 
 

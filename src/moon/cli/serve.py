@@ -107,6 +107,27 @@ class _Number(click.ParamType):
     help="Connections open at once; beyond it the longest-idle one is closed, or 503 if all are busy.",
 )
 @click.option(
+    "--max-batch",
+    default=16,
+    show_default=True,
+    type=_Number(int, 1, 4096),
+    help="Queries encoded together: concurrent requests are grouped into one model call (1: no batching).",
+)
+@click.option(
+    "--max-wait-ms",
+    default=5.0,
+    show_default=True,
+    type=_Number(float, 0, 1000),
+    help="How long a batch's first request waits for others to join it.",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=_Number(int, 1),
+    help="Queries waiting or being encoded at once; beyond it a request gets 503 with Retry-After.",
+)
+@click.option(
     "--allow-truncation",
     is_flag=True,
     help="Let /v1/embeddings shorten vectors (dimensions) for a model not trained for it (docs/serving.md).",
@@ -136,6 +157,9 @@ def serve(
     concurrency,
     read_timeout_s,
     max_connections,
+    max_batch,
+    max_wait_ms,
+    max_queue,
     allow_truncation,
     trust_remote_code,
     log_level,
@@ -156,6 +180,9 @@ def serve(
         concurrency=concurrency,
         read_timeout_s=read_timeout_s,
         max_connections=max_connections,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
         allow_truncation=allow_truncation,
     )
     manifest = read_manifest(index_dir)

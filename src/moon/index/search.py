@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from moon.data import ProductStore, Query
 from moon.data.records import ImageRef
 from moon.errors import ConfigError
@@ -44,8 +46,16 @@ def search(
     """Embed ``query`` and return its ``k`` nearest products (titles looked up in ``store``)."""
     if not 1 <= k <= max_k:
         raise ConfigError(f"k must be between 1 and {max_k}, got {k}")
-    vector = embedder.encode_queries([query])
-    hits = index.search(vector, k)[0]
+    return nearest_products(index, embedder.encode_queries([query]), k=k, store=store, max_k=max_k)
+
+
+def nearest_products(
+    index: VectorIndex, vector: np.ndarray, *, k: int = 10, store: ProductStore | None = None, max_k: int = MAX_K
+) -> list[SearchHit]:
+    """The ``k`` nearest products of one query vector (``(dim,)`` or ``(1, dim)``), ranked."""
+    if not 1 <= k <= max_k:
+        raise ConfigError(f"k must be between 1 and {max_k}, got {k}")
+    hits = index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), k)[0]
     out = []
     for rank, hit in enumerate(hits, start=1):
         title = ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import os
 import threading
@@ -32,6 +33,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -40,8 +42,10 @@ from moon import __version__
 from moon.data import ImageLoadError, ProductStore, Query, load_image
 from moon.data.safe_open import json_depth_exceeds
 from moon.errors import MoonError
-from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder, search
+from moon.index import VectorIndex, check_embedder, index_store_dir, load_index_embedder
+from moon.index.search import nearest_products
 from moon.models import Embedder
+from moon.serve.batching import Batcher, QueueFull
 from moon.serve.body_limit import BodySizeLimit
 from moon.serve.errors import error_body
 from moon.serve.headers import SecurityHeaders, secure_headers
@@ -66,16 +70,32 @@ MAX_JSON_DEPTH = 32
 class ApiError(Exception):
     """An error answered as JSON with an HTTP status."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
-def _error(status: int, message: str) -> JSONResponse:
+#: one query of a request: the query (text), its uploaded image's bytes or None, the image's name
+QueryItem = tuple[Query, "bytes | None", str]
+
+
+def header_pixels(image: bytes) -> int:
+    """Width × height from an image's header, without decoding it (0 when it cannot be read: the
+    decode then refuses it with the reason)."""
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            return int(img.width) * int(img.height)
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode reports it
+        return 0
+
+
+def _error(status: int, message: str, extra: dict[str, str] | None = None) -> JSONResponse:
     # the security headers are set here too: a 500 leaves through Starlette's outermost error
     # middleware, outside SecurityHeaders
     headers = {name.decode(): value.decode() for name, value in secure_headers([])}
+    headers.update(extra or {})
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
@@ -93,6 +113,47 @@ class _Service:
         self.store = store
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.concurrency)
+        self.batcher: Batcher[list[QueryItem], tuple[list[Query], np.ndarray]] = Batcher(
+            self._encode_groups,
+            self.call,
+            max_batch=limits.max_batch,
+            max_wait_s=limits.max_wait_ms / 1000.0,
+            max_queue=limits.max_queue,
+            max_pixels=limits.max_pixels,
+        )
+
+    def _encode_groups(self, groups: list[list[QueryItem]]) -> list[tuple[list[Query], np.ndarray] | ApiError]:
+        """One batch (in a worker thread, holding a model slot): each request's images decoded
+        (a bad one fails that request alone), then every query of the batch in one
+        ``encode_queries`` call; per request, its decoded queries and its rows."""
+        decoded: list[list[Query] | ApiError] = []
+        for group in groups:
+            try:
+                decoded.append(decode_images(group, self.limits))
+            except ApiError as exc:
+                decoded.append(exc)
+        queries = [q for d in decoded if not isinstance(d, ApiError) for q in d]
+        vectors = np.asarray(self.embedder.encode_queries(queries), dtype=np.float32) if queries else None
+        out: list[tuple[list[Query], np.ndarray] | ApiError] = []
+        row = 0
+        for d in decoded:
+            if isinstance(d, ApiError):
+                out.append(d)
+            else:
+                out.append((d, vectors[row : row + len(d)]))  # type: ignore[index]
+                row += len(d)
+        return out
+
+    async def embed_queries(self, items: list[QueryItem]) -> tuple[list[Query], np.ndarray]:
+        """The queries of one request (images as uploaded bytes) decoded and encoded, batched with
+        other requests' (:mod:`moon.serve.batching`); 503 with ``Retry-After`` when the queue is full."""
+        pixels = sum(header_pixels(image) for _, image, _ in items if image is not None)
+        try:
+            return await self.batcher.submit(items, size=len(items), pixels=pixels)
+        except QueueFull as exc:
+            raise ApiError(
+                503, f"the server is busy ({exc}); try again shortly", headers={"Retry-After": "1"}
+            ) from None
 
     async def call(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` in a worker thread, holding one of ``concurrency`` slots;
@@ -241,11 +302,6 @@ def decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLim
     return out
 
 
-def _decode_image(query: Query, image_bytes: bytes | None, limits: ServeLimits) -> Query:
-    """``query`` with the uploaded image decoded (in the worker thread; raises :class:`ApiError`)."""
-    return decode_images([(query, image_bytes, "uploaded image")], limits)[0]
-
-
 def create_app(
     index_dir: str | os.PathLike,
     embedder: Embedder | None = None,
@@ -285,7 +341,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -338,19 +394,13 @@ def create_app(
             },
         )
 
-    def _search(query: Query, image: bytes | None, k: int) -> tuple[Query, list[Any]]:
-        query = _decode_image(query, image, limits)
-        return query, search(service.index, service.embedder, query, k=k, store=service.store)
-
-    def _embed(query: Query, image: bytes | None) -> tuple[Query, Any]:
-        query = _decode_image(query, image, limits)
-        return query, service.embedder.encode_queries([query])
-
     @app.post("/search")
     async def search_route(request: Request) -> dict[str, Any]:
         query, k, image = await _read_query(request, limits, with_k=True)
         start = time.perf_counter()
-        query, hits = await service.call(_search, query, image, k)
+        queries, vectors = await service.embed_queries([(query, image, "uploaded image")])
+        query = queries[0]
+        hits = await service.call(nearest_products, service.index, vectors, k=k, store=service.store)
         results = []
         for hit in hits:
             row = asdict(hit)
@@ -370,8 +420,8 @@ def create_app(
     @app.post("/embed")
     async def embed_route(request: Request) -> dict[str, Any]:
         query, _, image = await _read_query(request, limits, with_k=False)
-        query, vectors = await service.call(_embed, query, image)
-        vector = np.asarray(vectors, dtype=np.float32)[0]
+        _, vectors = await service.embed_queries([(query, image, "uploaded image")])
+        vector = vectors[0]
         return {
             "model": service.index.manifest.model,
             "fingerprint": service.index.manifest.fingerprint,
@@ -440,6 +490,15 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route() -> PlainTextResponse:
+        stats = service.batcher.stats()
+        metrics.gauges.update(
+            {
+                "moon_batches": stats.batches,  # model calls made by the batcher
+                "moon_batched_queries": stats.queries,
+                "moon_batch_largest": stats.largest,
+                "moon_batch_queue_depth": stats.queued,
+            }
+        )
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -19,9 +19,13 @@ INT_LIMITS: dict[str, tuple[int, int | None]] = {
     "max_k": (1, 100),
     "concurrency": (1, None),
     "max_connections": (1, None),
+    "max_batch": (1, 4096),
+    "max_queue": (1, None),
 }
 #: time limits in seconds: each finite, above 0 and at most MAX_TIMEOUT_S
 SECONDS_LIMITS = ("timeout_s", "read_timeout_s")
+#: the longest a batch waits for more requests (one second: longer only adds latency)
+MAX_WAIT_MS = 1000.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class ServeLimits:
         max_connections: connections open at once; a new one beyond it replaces the connection
             that has waited longest without a request in progress, or gets a 503 when every
             connection has one (:mod:`moon.serve.server`).
+        max_batch: queries encoded together in one model call (dynamic batching: concurrent
+            requests are grouped, :mod:`moon.serve.batching`); 1 turns batching off.
+        max_wait_ms: how long the first request of a batch waits for others to join it.
+        max_queue: queries waiting or being encoded at once; a request beyond it gets a 503 with
+            ``Retry-After`` at once instead of waiting.
         allow_truncation: let ``POST /v1/embeddings`` shorten vectors (``dimensions`` below the
             model's dimension) for a model not trained for it (no Matryoshka training); off by
             default, when such requests get a 400 (:mod:`moon.serve.openai_api`).
@@ -54,6 +63,9 @@ class ServeLimits:
     concurrency: int = 2
     read_timeout_s: float = 60.0
     max_connections: int = 256
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
     allow_truncation: bool = False
 
     def __post_init__(self) -> None:
@@ -78,5 +90,16 @@ class ServeLimits:
                     f"got {value!r}"
                 )
             object.__setattr__(self, name, float(value))
+        wait = self.max_wait_ms
+        if (
+            isinstance(wait, bool)
+            or not isinstance(wait, numbers.Real)
+            or not math.isfinite(wait)
+            or not 0 <= wait <= MAX_WAIT_MS
+        ):
+            raise ConfigError(
+                f"serve limit max_wait_ms must be a number of milliseconds from 0 to {MAX_WAIT_MS:g}, got {wait!r}"
+            )
+        object.__setattr__(self, "max_wait_ms", float(wait))
         if not isinstance(self.allow_truncation, bool):
             raise ConfigError(f"serve option allow_truncation must be true or false, got {self.allow_truncation!r}")

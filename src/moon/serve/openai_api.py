@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from moon.data import Query
-from moon.serve.app import ApiError, clean_text, decode_images, image_from_base64, read_json_body
+from moon.serve.app import ApiError, clean_text, image_from_base64, read_json_body
 
 #: the most inputs in one request (OpenAI's limit)
 MAX_INPUTS = 2048
@@ -221,12 +221,6 @@ def add_openai_routes(app: FastAPI, service: Any) -> None:
     :class:`moon.serve.app._Service`)."""
     limits = service.limits
 
-    def _embed(items: list[tuple[Query, bytes | None, str]]) -> tuple[np.ndarray, int]:
-        queries = decode_images(items, limits)
-        vectors = np.asarray(service.embedder.encode_queries(queries), dtype=np.float32)
-        tokens = count_tokens(service.embedder, [q.text for q in queries if q.text])
-        return vectors, tokens
-
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings_route(request: Request) -> EmbeddingResponse:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -261,7 +255,8 @@ def add_openai_routes(app: FastAPI, service: Any) -> None:
         if len(inputs) > MAX_INPUTS:
             raise ApiError(400, f"input has {len(inputs):,} items; the limit is {MAX_INPUTS:,}")
         items = [_parse_input(item, i, limits) for i, item in enumerate(inputs)]
-        vectors, tokens = await service.call(_embed, items)
+        queries, vectors = await service.embed_queries(items)
+        tokens = count_tokens(service.embedder, [q.text for q in queries if q.text])
         if req.dimensions is not None and req.dimensions < vectors.shape[1]:
             vectors = truncate(vectors, req.dimensions)
         data = [
