@@ -35,11 +35,18 @@ from moon.models.encoding import encode_items
 from moon.train import checkpoints as ckpt
 from moon.train.collapse import CollapseWatch, RelapseWatch, chance_loss
 from moon.train.config import TrainConfig, config_from_dict, read_yaml, validate_config
-from moon.train.dataset import open_training_data
+from moon.train.dataset import open_training_data, read_training_records
 from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
 from moon.train.losses import ContrastiveLoss
 from moon.train.memory import MemoryQueue
-from moon.train.metrics_log import MetricsLogger, truncate_metrics
+from moon.train.metrics_log import (
+    METRICS_FILE,
+    MetricsLogger,
+    RunFileWriteError,
+    run_file_write_error,
+    truncate_metrics,
+    write_text_atomic,
+)
 from moon.train.negatives import NegativeSettings
 from moon.train.optim import build_optimizer, build_scheduler
 from moon.train.sampler import BatchSampler
@@ -149,13 +156,20 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
             raise ConfigError(
                 f"{run_dir}: --resume with a different config ({'; '.join(diffs[:4])}); only run.* and optim.steps may change"
             )
+    # the records, and one stat of every image file they name: a FIFO, a directory or a missing file at
+    # an image path is one error line now, before anything is written and before any model work, not a
+    # failure (or a hang) at the step that draws it
+    records = read_training_records(config.data.dir, crop_source=config.data.crop_source)  # type: ignore[arg-type]
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+        except OSError as exc:
+            raise _run_write_error(exc, run_dir / "config.yaml", "before the first step", run_dir) from exc
     barrier(ctx)
 
     seed = config.run.seed
-    _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before the data is read
+    _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before images are read
     # the spec is from the caller's own config (the CLI's --config / --model / key=value), so a
     # py:module:factory spec is honoured; a run directory's saved config.yaml is only compared
     model = build_trainable(config.model.spec, config.model.overrides)
@@ -165,6 +179,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         crop_source=config.data.crop_source,
         hash_cache=run_dir / "image-hashes.json" if ctx.is_main else None,
         image_guard=config.negatives.guard,
+        records=records,
     )
     model.to(ctx.device)
     if hasattr(model, "calibrate") and not (resume and latest is not None):
@@ -239,13 +254,16 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         best = trainer_sd.get("best", best)
         if rng is not None:
             ckpt.set_rng_state(rng)
-        if ctx.is_main:
+    if ctx.is_main:
+        try:  # a resumed run drops what the lost run logged after its checkpoint
             truncate_metrics(run_dir, start)
-    elif ctx.is_main:
-        truncate_metrics(run_dir, 0)
+            logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=True)
+        except OSError as exc:
+            raise _run_write_error(exc, run_dir / METRICS_FILE, f"before step {start + 1}", run_dir) from exc
+    else:
+        logger = MetricsLogger(run_dir, enabled=False)
 
     total = config.optim.steps
-    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=ctx.is_main)
     collapse = CollapseWatch(start=config.optim.warmup_steps)
     relapse = RelapseWatch(start=config.optim.warmup_steps)
     # warnings (the collapse warning above all) are shown at the step that raises them, not summarised
@@ -261,7 +279,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     if config.run.val_at_start and start == 0:
         scores = broadcast_object(validator() if ctx.is_main or fsdp else None, ctx)
         if scores is not None:
-            logger.log({"step": 0, **scores})
+            _log(logger, {"step": 0, **scores}, run_dir)
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -307,16 +325,18 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                     if scores[RECALL_KEY] > best:
                         best, improved = scores[RECALL_KEY], True
             if done % config.run.log_every == 0 or validate_now or done == total:
-                logger.log(record)
+                _log(logger, record, run_dir)
             checkpoint_now = bool(config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total
             if (improved or checkpoint_now) and not fsdp:  # (sharded weights: checked by their own ranks' losses)
                 _check_finite_weights(model, done, run_dir)
             if improved:
                 _save_embedder(model, run_dir / "best", config, ctx, fsdp)
             if improved and ctx.is_main:
-                (run_dir / "best.json").write_text(
-                    json.dumps({"step": done, **(scores or {})}) + "\n", encoding="utf-8"
-                )
+                try:  # (through a temporary file: a failed write leaves the previous best.json whole)
+                    write_text_atomic(run_dir / "best.json", json.dumps({"step": done, **(scores or {})}) + "\n")
+                except OSError as exc:
+                    during = f"the best validation score, step {done}; the previous best.json was left as it was"
+                    raise _run_write_error(exc, run_dir / "best.json", during, run_dir) from exc
             if checkpoint_now:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
@@ -340,6 +360,25 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         "last": last,
         "best_val_recall@10": None if best == float("-inf") else best,
     }
+
+
+def _run_write_error(exc: OSError, path: Path, during: str, run_dir: Path) -> RunFileWriteError:
+    """The one-line error of a failed write of a run-directory file (not a checkpoint): it names the
+    newest checkpoint, which ``--resume`` continues from."""
+    found = ckpt.list_checkpoints(run_dir)
+    if found:
+        kept = f"the checkpoints written so far are intact (newest: {found[-1][1].name})"
+    else:
+        kept = "no checkpoint had been written yet (--resume starts the run again)"
+    return run_file_write_error(exc, path, during=during, kept=kept)
+
+
+def _log(logger: MetricsLogger, record: dict[str, Any], run_dir: Path) -> None:
+    """``logger.log(record)``; a failed write (a full disk) is a one-line :class:`RunFileWriteError`."""
+    try:
+        logger.log(record)
+    except OSError as exc:
+        raise _run_write_error(exc, logger.path, f"the record of step {record['step']}", run_dir) from exc
 
 
 def _newest_readable_checkpoint(

@@ -1,15 +1,79 @@
-"""Training metrics: one JSON object per logged step in ``metrics.jsonl``, mirrored to TensorBoard."""
+"""Training metrics: one JSON object per logged step in ``metrics.jsonl``, mirrored to TensorBoard.
+
+A write into the run directory that fails (``metrics.jsonl``, ``best.json``, ``config.yaml``: a full
+disk, a used-up quota, a read-only folder) is a one-line :class:`RunFileWriteError` built by
+:func:`run_file_write_error`, in the words of the checkpoint writer's errors: the file, the disk is
+full / the quota exceeded, what was kept and to continue with ``--resume``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moon.errors import TrainingError
+
 METRICS_FILE = "metrics.jsonl"
+
+#: errnos that mean "no room left": a full file system, a used-up disk quota
+DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+class RunFileWriteError(TrainingError):
+    """A file of the run directory (``metrics.jsonl``, ``best.json`` …) could not be written; the
+    checkpoints written before are intact and ``--resume`` continues from the newest."""
+
+
+def _free(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if free >= scale:
+                return f"{free / scale:,.1f} {unit} free"
+        return f"{free:,} bytes free"
+    return "free space unknown"
+
+
+def run_file_write_error(exc: OSError, path: str | os.PathLike, *, during: str, kept: str) -> RunFileWriteError:
+    """The one-line error of a failed write of ``path`` (``during``: e.g. ``"the record of step 4"``;
+    ``kept``: what is intact, e.g. the newest checkpoint)."""
+    path = Path(path)
+    if exc.errno and exc.strerror:
+        reason = f"[Errno {exc.errno}] {exc.strerror}"
+    else:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    if exc.errno in DISK_FULL:
+        full = "disk quota exceeded" if exc.errno == getattr(errno, "EDQUOT", None) else "disk full"
+        return RunFileWriteError(
+            f"{full} while writing {path} ({during}; {_free(path.parent)}; {reason}); {kept}. "
+            "Free space on that disk, then continue with --resume"
+        )
+    return RunFileWriteError(
+        f"could not write {path} ({during}; {reason}); {kept}. Fix that, then continue with --resume"
+    )
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: a failed write (an
+    ``OSError``, re-raised) leaves the old file as it was and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 #: a metrics line longer than this is not a record MOON wrote: it is skipped (read in pieces, never whole)
@@ -97,15 +161,15 @@ def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
             kept.append(r)
     if bad:
         warnings.warn(f"{path}: dropped {bad} record(s) whose step is not an integer", RuntimeWarning, stacklevel=2)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # an OSError: the old file is kept
 
 
 class MetricsLogger:
-    """Appends records to ``metrics.jsonl`` (flushed per line) and writes scalars to TensorBoard.
+    """Appends records to ``metrics.jsonl`` (each line written straight to the file, unbuffered) and
+    writes scalars to TensorBoard.
 
-    Only the main process logs (``enabled=False`` elsewhere).
+    Only the main process logs (``enabled=False`` elsewhere). A failed write (``OSError``: a full
+    disk …) cuts the file back to its last whole line, closes it and is re-raised by :meth:`log`.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool = True):
@@ -113,9 +177,11 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self._file = None
         self._tb = None
+        self._size = 0
         if not enabled:
             return
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        self._size = os.fstat(self._file.fileno()).st_size  # the end of the last whole line
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -124,11 +190,30 @@ class MetricsLogger:
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
 
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to the (unbuffered) file; an ``OSError`` may leave part of it written."""
+        assert self._file is not None
+        view = memoryview(data)
+        while view:
+            n = self._file.write(view)
+            if not n:  # a regular file never takes nothing; never loop on it
+                raise OSError(errno.EIO, "the write took no bytes", str(self.path))
+            view = view[n:]
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled or self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        try:
+            self._write(line)
+        except OSError:
+            with contextlib.suppress(OSError):  # no torn line left behind (shrinking needs no space)
+                os.ftruncate(self._file.fileno(), self._size)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            raise
+        self._size += len(line)
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
@@ -137,7 +222,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # nothing is buffered: every line was written already
+                self._file.close()
             self._file = None
         if self._tb is not None:
             self._tb.close()
