@@ -364,13 +364,15 @@ def lm_flops(shape: LMShape, lengths: Sequence[int], padded_to: int | None = Non
 
 
 def flops_of_forwards(shape: LMShape, forwards: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Useful (unpadded) and computed (padded) LM FLOPs summed over the recorded forwards."""
+    """Useful (unpadded) and computed LM FLOPs summed over the recorded forwards (computed = padded,
+    or = useful for a forward that ran packed, ``MoonConfig.packed``)."""
     useful: dict[str, int] = defaultdict(int)
     computed: dict[str, int] = defaultdict(int)
     for f in forwards:
         for k, v in lm_flops(shape, f["lengths"]).items():
             useful[k] += v
-        for k, v in lm_flops(shape, f["lengths"], padded_to=f["padded_len"]).items():
+        padded_to = None if f.get("packed") else f["padded_len"]
+        for k, v in lm_flops(shape, f["lengths"], padded_to=padded_to).items():
             computed[k] += v
     real, padded = useful.get("tokens", 0), computed.get("tokens", 0)
     return {
@@ -501,6 +503,7 @@ class Recorder:
                 "lengths": [int(x) for x in mask.sum(1).tolist()],
                 "batch": int(mask.shape[0]),
                 "padded_len": int(mask.shape[1]),
+                "packed": bool(kwargs.get("packed", False)),  # packed: the LM computed the real tokens only
             }
         )
 

@@ -158,6 +158,10 @@ def test_counted_lm_flops_equal_torch_flop_counter(records, moe_layers, top_k):
     lengths = [int(x) for x in batch["attention_mask"].sum(1)]
     padded = int(batch["input_ids"].shape[1])
     assert min(lengths) < padded  # a padded batch
+    useful = P.lm_flops(shape, lengths)
+    assert emb.packing  # the default: the LM computes the real tokens only, exactly the useful count
+    assert _torch_counts(emb, batch, n_layers) == (useful["linear"], useful["attn_scores"])
+    emb.config = emb.config.replace(packed=False)
     counted = P.lm_flops(shape, lengths, padded_to=padded)  # what the padded batch computes
     assert _torch_counts(emb, batch, n_layers) == (counted["linear"], counted["attn_scores"])
     for item in items:  # each record alone: no padding, the useful count

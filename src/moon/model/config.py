@@ -129,6 +129,12 @@ class MoonConfig:
         precision: what ``encode_products``/``encode_queries`` compute in: ``fp32``; ``bf16``
             (autocast); ``auto`` = bf16 on CUDA and on CPUs with native bf16, else fp32
             (:mod:`moon.precision`). Training precision is ``run.precision`` of the trainer.
+        packed: run the graft's decoder on the real tokens of a batch only (block-diagonal attention,
+            no padding; :mod:`moon.model.packed`). Same vectors as the padded path (tested to 1e-5 in
+            float32), so it is on by default; decoders it cannot run (the Qwen-VL family, sliding
+            windows, other LM types) keep the padded path. A runtime switch: :meth:`to_dict` writes
+            it only when off (configs saved before it existed, and their fingerprints, are unchanged)
+            and the embedder's fingerprint ignores it.
         graft: a :class:`GraftConfig` for the graft family (image encoder → projector → causal LM);
             ``None`` for the Qwen-VL family. ``min_pixels``/``max_pixels`` apply to Qwen-VL only.
     """
@@ -154,6 +160,7 @@ class MoonConfig:
     moe_aux_weight: float = 0.01
     center: bool = False
     precision: str = "fp32"
+    packed: bool = True
     graft: GraftConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -168,6 +175,8 @@ class MoonConfig:
             raise ConfigError(f"pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r}: expected auto, fp32 or bf16")
+        if not isinstance(self.packed, bool):
+            raise ConfigError(f"packed={self.packed!r}: expected true or false")
         if self.moe_mode not in MOE_MODES:
             raise ConfigError(f"moe_mode={self.moe_mode!r}: expected one of {', '.join(MOE_MODES)}")
         if not 1 <= self.moe_top_k <= len(EXPERTS):
@@ -186,7 +195,10 @@ class MoonConfig:
                 raise ConfigError(f"{name}={value}: must be a positive integer or null")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["packed"] is True:  # the default: left out, so older configs and fingerprints stay as they were
+            del data["packed"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoonConfig:

@@ -64,6 +64,7 @@ class MoonEmbedder(nn.Module):
         self.family: BackboneFamily = family_for(config)
         self.routing = RoutingState()
         self.inputs = self.family.input_builder(config, tokenizer, backbone)
+        self._packable = self.family.install_packing(backbone)
         hidden = self.family.hidden_size(backbone)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
@@ -249,8 +250,11 @@ class MoonEmbedder(nn.Module):
         return plain
 
     def fingerprint(self) -> str:
-        """SHA-256 (16 hex chars) of the config and all weights."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        """SHA-256 (16 hex chars) of the config and all weights (``packed`` left out: it does not
+        change the vectors)."""
+        config = self.config.to_dict()
+        config.pop("packed", None)
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for key, value in sorted(self.plain_state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
@@ -278,12 +282,23 @@ class MoonEmbedder(nn.Module):
         """Right-padded batch (CPU); see :func:`moon.model.inputs.collate`."""
         return collate(items, self.inputs.pad_id)
 
+    @property
+    def packing(self) -> bool:
+        """Whether forwards run packed (``config.packed`` and a decoder that supports it, see
+        :mod:`moon.model.packed`); read on every forward, so the switch can be flipped at any time."""
+        return bool(self.config.packed and self._packable)
+
     def hidden_states(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """Last hidden states ``(B, L, H)`` of a collated batch (MoE routed by the batch's aspect tags)."""
+        """Last hidden states ``(B, L, H)`` of a collated batch (MoE routed by the batch's aspect tags;
+        packed without padding when :attr:`packing`, zeros at padding then)."""
         dev = self.device
         self.routing.aux_losses = []
-        with self.routing.using(batch["aspect_ids"].to(dev)):
-            return self.family.hidden_states(self.backbone, batch, device=dev, dtype=self.dtype)
+        packed = self.packing
+        tags = batch["aspect_ids"].to(dev)
+        if packed:  # the MoE sees the packed tokens, so it gets their tags only
+            tags = tags[batch["attention_mask"].to(dev).bool()]
+        with self.routing.using(tags):
+            return self.family.hidden_states(self.backbone, batch, device=dev, dtype=self.dtype, packed=packed)
 
     def pooled(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """Un-normalised embeddings ``(B, dim)`` (pooling, projection, Matryoshka cut)."""

@@ -55,9 +55,24 @@ class BackboneFamily(ABC):
 
     @abstractmethod
     def hidden_states(
-        self, backbone: nn.Module, batch: dict[str, Any], *, device: torch.device, dtype: torch.dtype
+        self,
+        backbone: nn.Module,
+        batch: dict[str, Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        packed: bool = False,
     ) -> torch.Tensor:
-        """Last hidden states ``(B, L, H)`` of a collated batch (routing tags are set by the caller)."""
+        """Last hidden states ``(B, L, H)`` of a collated batch (routing tags are set by the caller).
+
+        ``packed``: run the decoder on the real tokens only (:mod:`moon.model.packed`; zeros at
+        padding; only when :meth:`install_packing` returned True), else the padded forward.
+        """
+
+    def install_packing(self, backbone: nn.Module) -> bool:
+        """Prepare the decoder for packed sequences; whether the packed path can run on this
+        backbone (default: no, the family keeps its padded forward)."""
+        return False
 
     @abstractmethod
     def vision_module(self, backbone: nn.Module) -> nn.Module:
@@ -124,7 +139,9 @@ class QwenVLFamily(BackboneFamily):
         images = QwenImageInputs(self.image_processor(config, backbone), merge_size=merge)
         return InputBuilder(config, tokenizer, images, Markers.qwen_vl(tokenizer))
 
-    def hidden_states(self, backbone, batch, *, device, dtype):
+    def hidden_states(self, backbone, batch, *, device, dtype, packed=False):
+        if packed:
+            raise NotImplementedError("qwen-vl: packed sequences are not implemented (install_packing is False)")
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
@@ -209,7 +226,12 @@ class GraftFamily(BackboneFamily):
         markers = Markers(tuple(enc[0]), tuple(enc[1]), image_pad=int(pad), end=int(end), pad=int(pad))
         return InputBuilder(config, tokenizer, GraftImageInputs(base_model(backbone)), markers)
 
-    def hidden_states(self, backbone, batch, *, device, dtype, features: torch.Tensor | None = None):
+    def install_packing(self, backbone: nn.Module) -> bool:
+        from moon.model.packed import install
+
+        return install(self.text_model(backbone))
+
+    def hidden_states(self, backbone, batch, *, device, dtype, packed=False, features: torch.Tensor | None = None):
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         tags = batch["aspect_ids"].to(device)
@@ -217,7 +239,9 @@ class GraftFamily(BackboneFamily):
         payload = batch.get("pixel_values")
         if payload is not None:
             payload = payload.to(device)
-        return backbone(input_ids=ids, attention_mask=mask, image_mask=image_mask, payload=payload, features=features)
+        return backbone(
+            input_ids=ids, attention_mask=mask, image_mask=image_mask, payload=payload, features=features, packed=packed
+        )
 
     def vision_module(self, backbone: nn.Module) -> nn.Module:
         return base_model(backbone).vision

@@ -36,6 +36,7 @@ from moon.errors import ConfigError
 from moon.model.backbone import hf_reason
 from moon.model.config import GraftConfig
 from moon.model.image_encoders import ImageEncoder, build_image_encoder
+from moon.model.packed import PackedLayout, decoder_forward
 
 LM_DIR = "lm"
 VISION_DIR = "vision"
@@ -109,6 +110,7 @@ class GraftModel(nn.Module):
         image_mask: torch.Tensor,
         payload: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         """Last hidden states ``(B, L, H)``.
 
@@ -117,8 +119,15 @@ class GraftModel(nn.Module):
             payload: what the input builder made of the images: cached features ``(Σk, D)`` when the
                 encoder is frozen, else flattened pixels ``(n_images, 3·S·S)``.
             features: ``(Σk, D)`` visual-token features given directly (overrides ``payload``).
+            packed: run the LM on the real tokens only (:mod:`moon.model.packed`, after
+                :func:`~moon.model.packed.install`; zeros at padding); ``False``: the padded LM forward.
         """
-        embeds = self.lm.get_input_embeddings()(input_ids)
+        layout = PackedLayout.from_mask(attention_mask) if packed else None
+        if layout is not None:  # embed the real tokens only
+            embeds = self.lm.get_input_embeddings()(layout.pack(input_ids))  # (1, T, H)
+            image_mask = layout.pack(image_mask)
+        else:
+            embeds = self.lm.get_input_embeddings()(input_ids)
         if features is None and payload is not None:
             if self.spec.freeze_image_encoder:
                 features = payload
@@ -133,6 +142,8 @@ class GraftModel(nn.Module):
             ref = self.projector[1].weight
             visual = self.projector(features.to(device=ref.device, dtype=ref.dtype))
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
+        if layout is not None:
+            return layout.unpack(decoder_forward(self.lm, embeds, layout))
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 

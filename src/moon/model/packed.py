@@ -1,0 +1,251 @@
+"""Packed sequences: run the graft's decoder on the real tokens of a batch only, never on padding.
+
+A collated batch is right-padded ``(B, L)``; a product has 1–6 images plus crops, so lengths vary by
+2× inside a batch and a padded decoder spends a large share of its time on pad tokens. The packed
+path (``MoonConfig.packed``, on by default) takes the same padded batch, gathers its real tokens
+into one ``(1, T)`` row (``T = Σ lengths``), runs embeddings, MoE and every linear layer on those
+``T`` tokens only, attends within each sequence (block-diagonal causal attention, rotary positions
+restarting at 0 in every sequence) and scatters the last hidden states back to ``(B, L, H)`` (zeros
+at padding), so pooling and everything after it are unchanged. Same function as the padded path:
+``tests/model/test_packed.py`` holds it to 1e-5 in float32, forward and gradients.
+
+Attention (:func:`grouped_sdpa`, any device): sequences of equal length are stacked and sent to one
+``scaled_dot_product_attention`` call with ``is_causal=True``, so each sequence attends to itself
+only and no ``T × T`` mask is ever built.
+
+How it hooks into transformers without patching: :func:`install` registers one attention function,
+``moon_sdpa``, with transformers' ``AttentionInterface`` (and :func:`moon_sdpa_mask`, the SDPA mask
+or none inside a packed forward, with ``AttentionMaskInterface``) and sets it on the decoder's config. That function *is* transformers'
+SDPA attention unless the call carries a :class:`PackedLayout` (keyword ``moon_packed``), so the
+padded path computes exactly what it did before. :func:`decoder_forward` calls the decoder's own
+forward on the packed row with no mask, position ids restarting per sequence and the
+layout as a keyword that transformers forwards, through every layer, to the attention function.
+
+Only decoder types checked to be the same function packed (:data:`PACKABLE`: Llama/SmolLM, Qwen2)
+are packed; anything else (other LM types, sliding windows, another attention implementation,
+attention dropout) keeps the padded path (:func:`why_unsupported`).
+The Qwen-VL family is not packed (it keeps its padded path; M-RoPE and its vision tower are not
+handled here).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPL = "moon_sdpa"
+_BASE_IMPL = "sdpa"
+#: decoder model types tested packed == padded (tests/model/test_packed.py)
+PACKABLE = ("llama", "qwen2")
+
+
+# --------------------------------------------------------------------------- the layout
+
+
+@dataclass
+class PackedLayout:
+    """Where the real tokens of a right-padded ``(B, L)`` batch sit once packed into ``(1, T)``.
+
+    ``index`` ``(T,)`` positions in the flattened ``(B·L)`` batch, ``lengths`` the host-side
+    sequence lengths (``B`` ints, all ``>= 1``), ``cu_seqlens`` ``(B+1,)`` int32 offsets on the
+    compute device, ``max_len`` the longest sequence.
+    """
+
+    index: torch.Tensor
+    lengths: list[int]
+    cu_seqlens: torch.Tensor
+    max_len: int
+    batch: int
+    width: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> PackedLayout:
+        """Layout of a right-padded ``(B, L)`` 0/1 mask (on the compute device)."""
+        if attention_mask.ndim != 2:
+            raise ValueError(f"packed: attention_mask must be (B, L), got {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool()
+        lengths_t = mask.sum(1)
+        lengths = [int(n) for n in lengths_t.tolist()]
+        b, width = mask.shape
+        if not lengths or min(lengths) < 1:
+            raise ValueError("packed: every sequence needs at least one token")
+        # right padding is what collate() makes; a left-padded or holed mask would pack wrongly
+        expected = torch.arange(width, device=mask.device)[None, :] < lengths_t[:, None]
+        if not bool(torch.equal(expected, mask)):
+            raise ValueError("packed: the batch is not right-padded (collate() makes right-padded batches)")
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = torch.cumsum(lengths_t, 0)
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(index, lengths, cu, max(lengths), b, width)
+
+    @property
+    def total(self) -> int:
+        return int(self.index.shape[0])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, …)`` → ``(1, T, …)`` (real tokens only, sequence after sequence)."""
+        return x.reshape(self.batch * self.width, *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+    def positions(self) -> torch.Tensor:
+        """``(1, T)`` position ids restarting at 0 in every sequence (what the padded forward gives
+        the real tokens of a right-padded row: ``arange(L)``)."""
+        dev = self.index.device
+        starts = self.cu_seqlens[:-1].long().repeat_interleave(torch.tensor(self.lengths, device=dev))
+        return (torch.arange(self.total, device=dev) - starts).unsqueeze(0)
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """``(1, T, H)`` → ``(B, L, H)`` with zeros at padding."""
+        flat = h.new_zeros(self.batch * self.width, h.shape[-1]).index_copy(0, self.index, h[0])
+        return flat.view(self.batch, self.width, -1)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def grouped_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], *, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``(T, nh, d)`` packed q and ``(T, nkv, d)`` k/v → ``(T, nh, d)``: one SDPA call per distinct
+    sequence length (sequences of that length stacked into a batch), each sequence attending to
+    itself only (block-diagonal, causal within the block when ``causal``)."""
+    gqa = k.shape[1] != q.shape[1]
+    if len(lengths) == 1:  # one sequence: no gather needed
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=causal, scale=scale, enable_gqa=gqa,
+        )  # fmt: skip
+        return o[0].transpose(0, 1)
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_len.setdefault(n, []).append(starts[i])
+    out = q.new_zeros(q.shape)
+    for n, seg_starts in by_len.items():
+        idx = (torch.tensor(seg_starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qs, ks, vs = (x.index_select(0, idx).view(len(seg_starts), n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
+    return out
+
+
+def moon_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as ``moon_sdpa``: packed attention when the call carries a
+    :class:`PackedLayout` (``moon_packed``), else exactly transformers' SDPA attention."""
+    layout: PackedLayout | None = kwargs.pop("moon_packed", None)
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout:
+        raise ValueError("packed attention has no dropout (install() leaves such decoders on the padded path)")
+    # (1, nh, T, d) → (T, nh, d)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    causal = bool(getattr(module, "is_causal", True))
+    out = grouped_sdpa(q, k, v, layout.lengths, causal=causal, scale=scaling)
+    return out.unsqueeze(0), None  # (1, T, nh, d), like transformers' attention functions
+
+
+#: set while :func:`decoder_forward` runs: the packed row needs no mask (the attention is made
+#: block-diagonal from the layout), so none is built (transformers would otherwise build a ``T × T``
+#: block-diagonal mask from the restarting position ids)
+_PACKED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("moon_packed_forward", default=False)
+
+
+def moon_sdpa_mask(*args, **kwargs):
+    """The mask function registered for ``moon_sdpa``: transformers' SDPA mask, or ``None`` inside a
+    packed forward."""
+    if _PACKED_FORWARD.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPL, moon_sdpa_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, moon_sdpa_mask)
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+def why_unsupported(decoder: nn.Module) -> str | None:
+    """``None`` when :func:`decoder_forward` can run ``decoder``, else the reason it cannot."""
+    cfg = decoder.config
+    if getattr(cfg, "model_type", None) not in PACKABLE:
+        return f"model type {getattr(cfg, 'model_type', None)!r} (packing supports {', '.join(PACKABLE)})"
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in (_BASE_IMPL, ATTN_IMPL):
+        return f"attention implementation {impl!r} (packing needs sdpa)"
+    types = getattr(cfg, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return "sliding-window layers"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout"
+    return None
+
+
+def install(decoder: nn.Module) -> bool:
+    """Route ``decoder``'s attention through ``moon_sdpa`` (same results as SDPA unless packed);
+    returns whether packing is possible for this decoder."""
+    reason = why_unsupported(decoder)
+    if reason is not None:
+        log.info("packed sequences are off for %s: %s", type(decoder).__name__, reason)
+        return False
+    _register()
+    decoder.config._attn_implementation = ATTN_IMPL
+    return True
+
+
+def decoder_forward(decoder: nn.Module, embeds: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """The decoder on packed ``(1, T, H)`` input embeddings → ``(1, T, H)`` last hidden states.
+
+    transformers' own forward of the decoder (its layers, gradient checkpointing included), with no
+    mask built (:func:`moon_sdpa_mask`), position ids restarting in every sequence, and the layout
+    passed through to ``moon_sdpa``, which makes the attention block-diagonal.
+    """
+    if decoder.config._attn_implementation != ATTN_IMPL:
+        raise RuntimeError("packed decoder_forward() needs install(decoder) first")
+    token = _PACKED_FORWARD.set(True)
+    try:
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=None,
+            position_ids=layout.positions(),
+            use_cache=False,
+            moon_packed=layout,
+        )
+    finally:
+        _PACKED_FORWARD.reset(token)
+    return out.last_hidden_state
+
+
+__all__ = [
+    "ATTN_IMPL",
+    "PACKABLE",
+    "PackedLayout",
+    "decoder_forward",
+    "grouped_sdpa",
+    "install",
+    "moon_sdpa_attention",
+    "why_unsupported",
+]
