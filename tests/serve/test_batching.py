@@ -110,19 +110,55 @@ def test_a_full_queue_is_refused_at_once():
     assert results == ["a", "b"] and refused_in < 1.0
 
 
-def test_a_request_that_left_is_dropped_from_its_batch():
-    calls = []
-    batcher = Batcher(_recording_run(calls), _inline, max_batch=16, max_wait_s=0.2, max_queue=64)
+def _busy_batcher(calls, release, max_wait_s):
+    """A batcher whose model is kept busy by the payload "busy" until ``release`` is set."""
+
+    def run(payloads):
+        calls.append(list(payloads))
+        if "busy" in payloads:
+            release.wait(10)
+        return [f"done {p}" for p in payloads]
+
+    return Batcher(run, lambda fn, arg: asyncio.to_thread(fn, arg), max_batch=16, max_wait_s=max_wait_s, max_queue=64)
+
+
+def test_a_lone_request_runs_at_once_and_a_busy_model_gathers_a_batch():
+    calls, release = [], threading.Event()
+    batcher = _busy_batcher(calls, release, max_wait_s=0.3)
 
     async def main():
+        start = time.monotonic()
+        assert await batcher.submit("alone") == "done alone"
+        alone_s = time.monotonic() - start
+        busy = asyncio.ensure_future(batcher.submit("busy"))
+        await asyncio.sleep(0.05)  # the model is now busy with "busy"
+        later = [asyncio.ensure_future(batcher.submit(p)) for p in ("x", "y")]
+        await asyncio.sleep(0.05)
+        release.set()
+        return alone_s, await asyncio.wait_for(asyncio.gather(busy, *later), 10)
+
+    alone_s, results = asyncio.run(main())
+    assert alone_s < 0.25  # no max_wait for a lone request on an idle model
+    assert results == ["done busy", "done x", "done y"]
+    assert calls == [["alone"], ["busy"], ["x", "y"]]
+
+
+def test_a_request_that_left_is_dropped_from_its_batch():
+    calls, release = [], threading.Event()
+    batcher = _busy_batcher(calls, release, max_wait_s=0.3)
+
+    async def main():
+        busy = asyncio.ensure_future(batcher.submit("busy"))
+        await asyncio.sleep(0.05)
         gone = asyncio.ensure_future(batcher.submit("gone"))
         kept = asyncio.ensure_future(batcher.submit("kept"))
         await asyncio.sleep(0.01)
         gone.cancel()
-        return await asyncio.wait_for(kept, 10)
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(busy, kept), 10)
 
-    assert asyncio.run(main()) == "done kept"
-    assert calls == [["kept"]] and batcher.stats().queued == 0
+    assert asyncio.run(main()) == ["done busy", "done kept"]
+    assert calls == [["busy"], ["kept"]] and batcher.stats().queued == 0
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ class _Number(click.ParamType):
     default=5.0,
     show_default=True,
     type=_Number(float, 0, 1000),
-    help="How long a batch's first request waits for others to join it.",
+    help="While the model is busy, how long a batch's first request waits for others (idle: none).",
 )
 @click.option(
     "--max-queue",

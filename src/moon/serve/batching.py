@@ -1,10 +1,11 @@
 """Dynamic batching: concurrent requests grouped into one model call.
 
 Each request submits its *group* (the queries of one request, images still encoded as bytes) to a
-:class:`Batcher`. The first group opens a batch; groups arriving within ``max_wait_s`` join it
+:class:`Batcher`. The first group opens a batch. When no batch is being encoded, it runs at once (a
+lone request pays no wait); while the model is busy, groups arriving within ``max_wait_s`` join it
 until it holds ``max_batch`` queries or ``max_pixels`` image pixels (read from the image headers,
-so a batch never decodes more pixels than one request may send); then the batch runs as one call
-of ``run`` in a model slot, and each request gets its own rows back, or its own error (one bad image
+so a batch never decodes more pixels than one request may send). The batch runs as one call of
+``run`` in a model slot, and each request gets its own rows back, or its own error (one bad image
 fails only the request that sent it).
 
 The queue is bounded: when ``max_queue`` queries are already waiting or running, a new request is
@@ -79,6 +80,7 @@ class Batcher(Generic[P, R]):
         self.max_pixels = max_pixels
         self._open: _Batch[P] | None = None
         self._queued = 0
+        self._running = 0  # batches in a model call now
         self._batches = 0
         self._queries = 0
         self._largest = 0
@@ -120,8 +122,11 @@ class Batcher(Generic[P, R]):
             self._queued -= size
 
     async def _dispatch(self, batch: _Batch[P]) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(batch.full.wait(), self.max_wait_s)
+        if self._running:  # the model is busy: wait for company (or a full batch) up to max_wait_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(batch.full.wait(), self.max_wait_s)
+        else:  # an idle model runs at once: a lone request pays no wait (requests arriving in
+            await asyncio.sleep(0)  # the same turn of the event loop still join)
         if self._open is batch:
             self._open = None
         live = [(p, f) for p, f in zip(batch.payloads, batch.futures, strict=True) if not f.done()]
@@ -130,6 +135,7 @@ class Batcher(Generic[P, R]):
         self._batches += 1
         self._queries += batch.size
         self._largest = max(self._largest, batch.size)
+        self._running += 1
         try:
             results = await self.call(self.run, [p for p, _ in live])
             if len(results) != len(live):
@@ -139,6 +145,8 @@ class Batcher(Generic[P, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self._running -= 1
         for (_, future), result in zip(live, results, strict=True):
             if future.done():
                 continue

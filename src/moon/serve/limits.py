@@ -47,7 +47,8 @@ class ServeLimits:
             connection has one (:mod:`moon.serve.server`).
         max_batch: queries encoded together in one model call (dynamic batching: concurrent
             requests are grouped, :mod:`moon.serve.batching`); 1 turns batching off.
-        max_wait_ms: how long the first request of a batch waits for others to join it.
+        max_wait_ms: while the model is busy, how long the first request of a batch waits for
+            others to join it (on an idle model a request runs at once).
         max_queue: queries waiting or being encoded at once; a request beyond it gets a 503 with
             ``Retry-After`` at once instead of waiting.
         allow_truncation: let ``POST /v1/embeddings`` shorten vectors (``dimensions`` below the
