@@ -37,9 +37,8 @@ from moon.model.inputs import EncodedInput, collate
 from moon.model.moe import RoutingState, aux_loss, checkpoint_context_fn, moe_layers, upcycle
 from moon.model.pooling import pool
 from moon.model.processors import load_tokenizer, qwen2_tokenizer
-from moon.models.saved import EMBEDDER_FILE, has_embedder_file, read_embedder_meta
+from moon.models.saved import EMBEDDER_FILE, WEIGHTS_FILE, has_embedder_file, read_saved_meta, read_weights, write_saved
 
-WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2  # 2: the graft family (a "family" key); version-1 directories are Qwen-VL and still load
 _STRUCTURAL = ("moe_mode", "moe_layers", "moe_top_k", "projection_dim", "graft", "center")
 DEFAULT_LORA_TARGETS = QWEN_VL.lora_targets
@@ -157,12 +156,7 @@ class MoonEmbedder(nn.Module):
 
     @classmethod
     def _load_saved(cls, path: Path, overrides: dict[str, Any]) -> MoonEmbedder:
-        from safetensors.torch import load_file
-
-        meta = read_embedder_meta(path)
-        if meta.get("family") != "moon":
-            family = meta.get("family")
-            raise ConfigError(f"{path / EMBEDDER_FILE}: family {family!r} is not 'moon'")
+        meta = read_saved_meta(path, "moon")  # (the weights are read once the architecture is built)
         if not isinstance(meta.get("config"), dict):
             raise ConfigError(f"{path / EMBEDDER_FILE}: no 'config' mapping")
         saved = MoonConfig.from_dict(meta["config"])
@@ -187,12 +181,7 @@ class MoonEmbedder(nn.Module):
             tokenizer = load_tokenizer(path / PROCESSOR_DIR)
         emb = cls(saved, backbone, tokenizer, name=meta.get("name"))
         weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise ConfigError(f"{path}: {WEIGHTS_FILE} is missing")
-        try:
-            state = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        state = read_weights(path)
         try:
             emb.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -211,12 +200,8 @@ class MoonEmbedder(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``embedder.json``, ``model.safetensors`` (LoRA merged), the backbone config and the
         tokenizer/image processor, so that ``from_pretrained(directory)`` works offline."""
-        from safetensors.torch import save_file
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.plain_state_dict().items()}
-        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         self.family.save_backbone(self, out)
         self.tokenizer.save_pretrained(str(out / PROCESSOR_DIR))
         meta = {
@@ -230,7 +215,7 @@ class MoonEmbedder(nn.Module):
             "tokenizer": "qwen2-offline" if self.tokenizer is qwen2_tokenizer() else "saved",
             "config": self.config.to_dict(),
         }
-        (out / EMBEDDER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_saved(out, meta, self.plain_state_dict())
 
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict with LoRA deltas merged and peft wrapper names removed."""

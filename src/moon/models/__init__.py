@@ -12,7 +12,7 @@
   ``pretrained-towers``, ``two-tower``, ``open-clip``, ``gme``) with their loaders and policy;
 * :mod:`moon.models.trust`: which specs a data file may name;
 * :mod:`moon.models.protocol`: what an embedder (and a trainable one) provides;
-* :mod:`moon.models.saved`: the ``embedder.json`` of a saved directory.
+* :mod:`moon.models.saved`: the one saved format (``embedder.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ from moon.models.registry import (
 from moon.models.saved import (
     EMBEDDER_FILE,
     MAX_EMBEDDER_JSON_BYTES,
+    WEIGHTS_FILE,
     has_embedder_file,
     read_embedder_meta,
+    read_saved,
     saved_family,
+    write_saved,
 )
 from moon.models.spec import ModelSpec, parse_spec
 
@@ -47,6 +50,7 @@ __all__ = [
     "Family",
     "ModelSpec",
     "TrainableEmbedder",
+    "WEIGHTS_FILE",
     "families",
     "get_family",
     "has_embedder_file",
@@ -56,7 +60,9 @@ __all__ = [
     "parse_spec",
     "preset_names",
     "read_embedder_meta",
+    "read_saved",
     "register_family",
     "saved_family",
     "unregister_family",
+    "write_saved",
 ]

@@ -6,6 +6,7 @@ Every family's ``save_pretrained`` writes ``embedder.json`` with a ``"family"`` 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -47,3 +48,56 @@ def saved_family(path: str | os.PathLike) -> str | None:
     if not has_embedder_file(path):
         return None
     return read_embedder_meta(path).get("family")
+
+
+#: the weights of a saved directory, next to ``embedder.json``
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_saved(directory: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """The one saved format of every family: ``tensors`` as ``model.safetensors`` (on CPU, contiguous,
+    no pickle) and ``meta`` (which names its ``"family"``, and holds the config) as ``embedder.json``.
+    A family writes whatever else it needs (tokenizer, backbone config) beside them."""
+    from safetensors.torch import save_file
+
+    if not isinstance(meta.get("family"), str):
+        raise ValueError("write_saved: meta must name its 'family'")
+    out = os.fspath(directory)
+    os.makedirs(out, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(state, os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out, EMBEDDER_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+
+
+def read_saved_meta(directory: str | os.PathLike, family: str) -> dict[str, Any]:
+    """``embedder.json`` of a directory saved by ``family``; not a saved directory, another family's
+    or a damaged file (bounded read) is a one-line :class:`ConfigError` naming it."""
+    d = os.fspath(directory)
+    if not has_embedder_file(d):
+        raise ConfigError(f"{d}: not a saved {family} model (no {EMBEDDER_FILE})")
+    meta = read_embedder_meta(d)
+    if meta.get("family") != family:
+        raise ConfigError(f"{os.path.join(d, EMBEDDER_FILE)}: family is {meta.get('family')!r}, expected {family!r}")
+    return meta
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of ``model.safetensors`` in ``directory`` (no pickle); missing or unreadable: a
+    one-line :class:`ConfigError` naming the file."""
+    from safetensors.torch import load_file
+
+    d = os.fspath(directory)
+    weights = os.path.join(d, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{d}: {WEIGHTS_FILE} is missing")
+    try:
+        return load_file(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from exc
+
+
+def read_saved(directory: str | os.PathLike, family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(meta, tensors)`` of a directory saved by ``family`` (:func:`write_saved`):
+    :func:`read_saved_meta` then :func:`read_weights`."""
+    return read_saved_meta(directory, family), read_weights(directory)

@@ -6,16 +6,15 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from moon.errors import ConfigError
-from moon.models import EMBEDDER_FILE, read_embedder_meta
+from moon.models.saved import WEIGHTS_FILE, write_saved
+from moon.models.saved import read_saved as read_saved_dir
 
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["WEIGHTS_FILE", "config_with_overrides", "read_saved", "save_module", "tensors_fingerprint"]
 C = TypeVar("C")
 
 
@@ -35,24 +34,15 @@ def config_with_overrides(config_cls: type[C], base: dict[str, Any] | None, over
 def save_module(
     module: torch.nn.Module, directory: str | os.PathLike, family: str, config: Any, state: dict[str, torch.Tensor]
 ) -> None:
-    """Write ``embedder.json`` ({"family", "config"}) and the given tensors as safetensors."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE))
-    meta = {"family": family, "config": asdict(config)}
-    (out / EMBEDDER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    """``embedder.json`` ({"family", "config"}) and the given tensors as safetensors
+    (:func:`moon.models.saved.write_saved`)."""
+    write_saved(directory, {"family": family, "config": asdict(config)}, state)
 
 
 def read_saved(directory: str | os.PathLike, family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The saved config dict and tensors of a ``family`` directory (clear errors when it is not one)."""
-    d = Path(directory)
-    meta_path, weights = d / EMBEDDER_FILE, d / WEIGHTS_FILE
-    if not meta_path.exists() or not weights.is_file():
-        raise ConfigError(f"{d}: not a saved {family} model (needs {EMBEDDER_FILE} and {WEIGHTS_FILE})")
-    meta = read_embedder_meta(d)  # bounded: a FIFO, huge, deep or non-JSON file is a one-line error
-    if meta.get("family") != family:
-        raise ConfigError(f"{meta_path}: family is {meta.get('family')!r}, expected {family!r}")
-    return meta.get("config") or {}, load_file(str(weights))
+    meta, tensors = read_saved_dir(directory, family)
+    return meta.get("config") or {}, tensors
 
 
 def tensors_fingerprint(config: Any, tensors: dict[str, torch.Tensor]) -> str:
