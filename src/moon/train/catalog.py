@@ -73,11 +73,23 @@ class ImageHashCache:
         return self._cache[key]
 
     def save(self) -> None:
+        """Write the cache (through a temporary file). It is only a cache: a write that fails (a full
+        disk, a read-only run directory) is a warning, the old file is left as it was, and training
+        goes on (the hashes are computed again next time)."""
         if self.path is None or not self._dirty:
             return
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._cache), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self._cache), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            warnings.warn(
+                f"{self.path}: could not save the image-hash cache ({exc.strerror or exc}); training goes on, "
+                "and the hashes are computed again next time",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._dirty = False
 
 
