@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from moon.errors import ConfigError
 from moon.models import EMBEDDER_FILE
-from moon.models.baselines.persistence import WEIGHTS_FILE, read_saved
+from moon.models.baselines.persistence import WEIGHTS_FILE, read_saved_config
 
 
 def _saved(tmp_path, meta_bytes: bytes | None):
@@ -25,7 +25,7 @@ def _saved(tmp_path, meta_bytes: bytes | None):
 
 def test_a_good_file_reads(tmp_path):
     d = _saved(tmp_path, json.dumps({"family": "two-tower", "config": {"dim": 8}}).encode())
-    config, tensors = read_saved(d, "two-tower")
+    config, tensors = read_saved_config(d, "two-tower")
     assert config == {"dim": 8} and set(tensors) == {"w"}
 
 
@@ -37,7 +37,7 @@ def test_a_good_file_reads(tmp_path):
 def test_a_damaged_file_is_a_one_line_error(tmp_path, bad):
     d = _saved(tmp_path, bad)
     with pytest.raises(ConfigError) as info:
-        read_saved(d, "two-tower")
+        read_saved_config(d, "two-tower")
     assert "\n" not in str(info.value) and EMBEDDER_FILE in str(info.value)
     assert (d / EMBEDDER_FILE).read_bytes() == bad  # left as it was
 
@@ -48,4 +48,4 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, within):
     d = _saved(tmp_path, None)
     os.mkfifo(d / EMBEDDER_FILE)
     with pytest.raises(ConfigError, match=EMBEDDER_FILE):
-        within(20, lambda: read_saved(d, "two-tower"))
+        within(20, lambda: read_saved_config(d, "two-tower"))

@@ -27,7 +27,7 @@ from moon.models.baselines.byte_tokenizer import VOCAB_SIZE, encode_text, pad_ba
 from moon.models.baselines.fusion import fuse
 from moon.models.baselines.persistence import (
     config_with_overrides,
-    read_saved,
+    read_saved_config,
     save_module,
     tensors_fingerprint,
 )
@@ -205,7 +205,7 @@ class DualEncoder(TorchEncoding, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> DualEncoder:
-        config, tensors = read_saved(directory, FAMILY)
+        config, tensors = read_saved_config(directory, FAMILY)
         model = cls(config_with_overrides(DualEncoderConfig, config, overrides), name=f"{FAMILY}:{directory}")
         model.load_state_dict(tensors)
         return model

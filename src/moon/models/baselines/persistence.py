@@ -11,10 +11,9 @@ from typing import Any, TypeVar
 import torch
 
 from moon.errors import ConfigError
-from moon.models.saved import WEIGHTS_FILE, write_saved
-from moon.models.saved import read_saved as read_saved_dir
+from moon.models.saved import WEIGHTS_FILE, read_saved, write_saved
 
-__all__ = ["WEIGHTS_FILE", "config_with_overrides", "read_saved", "save_module", "tensors_fingerprint"]
+__all__ = ["WEIGHTS_FILE", "config_with_overrides", "read_saved_config", "save_module", "tensors_fingerprint"]
 C = TypeVar("C")
 
 
@@ -39,9 +38,10 @@ def save_module(
     write_saved(directory, {"family": family, "config": asdict(config)}, state)
 
 
-def read_saved(directory: str | os.PathLike, family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The saved config dict and tensors of a ``family`` directory (clear errors when it is not one)."""
-    meta, tensors = read_saved_dir(directory, family)
+def read_saved_config(directory: str | os.PathLike, family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The saved config dict and tensors of a ``family`` directory (:func:`moon.models.saved.read_saved`,
+    with the config taken out of ``embedder.json``; clear errors when it is not one)."""
+    meta, tensors = read_saved(directory, family)
     return meta.get("config") or {}, tensors
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
 from moon.models.baselines.fusion import fuse
-from moon.models.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
+from moon.models.baselines.persistence import config_with_overrides, read_saved_config, save_module, tensors_fingerprint
 from moon.models.encoding import TorchEncoding
 
 FAMILY = "pretrained-towers"
@@ -186,7 +186,7 @@ class PretrainedTowers(TorchEncoding, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> PretrainedTowers:
-        config, tensors = read_saved(directory, FAMILY)
+        config, tensors = read_saved_config(directory, FAMILY)
         model = cls(config_with_overrides(PretrainedTowersConfig, config, overrides), name=f"{FAMILY}:{directory}")
         model.load_state_dict(tensors)
         return model

@@ -27,7 +27,7 @@ from torch import nn
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
 from moon.models.baselines.fusion import fuse
-from moon.models.baselines.persistence import config_with_overrides, read_saved, save_module, tensors_fingerprint
+from moon.models.baselines.persistence import config_with_overrides, read_saved_config, save_module, tensors_fingerprint
 from moon.models.encoding import TorchEncoding
 
 FAMILY = "two-tower"
@@ -218,7 +218,7 @@ class TwoTower(TorchEncoding, nn.Module):
 
         from moon.model.processors import qwen2_tokenizer
 
-        raw, tensors = read_saved(directory, FAMILY)
+        raw, tensors = read_saved_config(directory, FAMILY)
         config = config_with_overrides(TwoTowerConfig, raw, overrides)
         d = Path(directory)
         try:
