@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from moon.data import Product, Query
 from moon.model import ASPECTS, EXPERTS, GuidedMoE, MoonEmbedder
 
 
@@ -138,3 +139,152 @@ def test_dense_saved_model_can_be_upcycled_on_load(tiny_dense, products, tmp_pat
     moe = MoonEmbedder.from_pretrained(str(tmp_path / "dense"), device="cpu", moe_mode="guided")
     assert moe.moe_layer_ids == [0, 1] and moe.config.moe_mode == "guided"
     np.testing.assert_allclose(moe.encode_products(products), tiny_dense.encode_products(products), atol=1e-5)
+
+
+def _spread_experts(emb, seed=0):
+    """Make the aspect experts differ from one another and the router spread tokens over them."""
+    from moon.model.moe import moe_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moe_layers(emb):
+            for p in layer.experts.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            layer.router.weight.normal_(0, 1.0, generator=gen)
+
+
+def _per_token_reference(layer, x):
+    """The MoE layer's definition, one token at a time: shared expert and each chosen expert on the
+    token alone, mixed with the router's gates (the routing itself is :meth:`GuidedMoE.route`)."""
+    flat = x.reshape(-1, x.shape[-1])
+    _, _, _, top_idx, gates = layer.route(flat)
+    rows = []
+    for t in range(flat.shape[0]):
+        tok = flat[t : t + 1]
+        y = layer.shared(tok) * gates[t, 0]
+        for j in range(top_idx.shape[1]):
+            y = y + layer.experts[int(top_idx[t, j])](tok) * gates[t, 1 + j]
+        rows.append(y)
+    return torch.cat(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize(("mode", "top_k"), [("guided", 1), ("guided", 2), ("learned", 3), ("hard", 1)])
+def test_expert_grouped_dispatch_equals_the_per_token_definition(mode, top_k):
+    # forward and gradients (inputs and every weight) against a token-by-token loop, with padding
+    # tokens (tag -1) and every aspect present
+    from moon.model.moe import moe_layers
+
+    emb = MoonEmbedder.from_pretrained("moon-tiny", device="cpu", moe_mode=mode, moe_top_k=top_k)
+    _spread_experts(emb)
+    layer = moe_layers(emb)[0]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 11, layer.router.in_features, generator=gen)
+    tags = torch.randint(0, len(ASPECTS), (3, 11), generator=gen)
+    tags[0, -3:] = -1
+    tags[2, :] = torch.arange(11) % len(ASPECTS)
+    emb.routing.dispatch = "loop"
+    results = []
+    for fn in (layer, lambda v: _per_token_reference(layer, v)):
+        emb.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with emb.routing.using(tags.reshape(-1), recomputing=True):
+            out = fn(xi)
+        (out.square().sum() + out[:, :, 0].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((out.detach(), xi.grad, grads))
+    (out, gx, grads), (ref, ref_gx, ref_grads) = results
+    with emb.routing.using(tags.reshape(-1), recomputing=True):
+        used = {int(e) for e in layer.route(x.reshape(-1, x.shape[-1]))[3].reshape(-1)}
+    assert len(used) >= 2  # the test routes tokens to several experts
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any(k.startswith("experts.") for k in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grouped_gemm_dispatch_equals_the_expert_loop(monkeypatch):
+    # the grouped GEMM path's arithmetic (stacked gate|up and down weights, group offsets) is checked
+    # on CPU even where ``auto`` does not pick it: torch 2.13's CPU grouped_mm runs forward and a
+    # dense backward (it fails only for a stride-0 upstream gradient, which grouped_mm_works detects)
+    import torch.nn.functional as F
+
+    from moon.model import moe
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
+    emb = MoonEmbedder.from_pretrained("moon-graft-tiny", device="cpu")
+    _spread_experts(emb)
+    batch = emb.collate(
+        emb.build_product_inputs([Product("a", "red mug " * 6, [], ["Home"]), Product("b", "usb cable")])
+        + emb.build_query_inputs([Query("q", text="blue mug")])
+    )
+    outs = {}
+    for dispatch in ("loop", "grouped_mm"):
+        monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), True)  # taken as usable here
+        emb.config = emb.config.replace(moe_dispatch=dispatch)
+        emb.zero_grad(set_to_none=True)
+        vec = emb(batch)
+        vec.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in emb.named_parameters() if p.grad is not None and ".experts." in n}
+        outs[dispatch] = (vec.detach(), grads)
+    torch.testing.assert_close(outs["grouped_mm"][0], outs["loop"][0], rtol=1e-5, atol=1e-5)
+    assert outs["grouped_mm"][1].keys() == outs["loop"][1].keys() and outs["loop"][1]
+    for name, g in outs["loop"][1].items():
+        torch.testing.assert_close(outs["grouped_mm"][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_forcing_an_unusable_grouped_gemm_is_a_clear_error(monkeypatch):
+    from moon.errors import ConfigError
+    from moon.model import moe
+
+    emb = MoonEmbedder.from_pretrained("moon-graft-tiny", device="cpu", moe_dispatch="grouped_mm")
+    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), False)
+    batch = emb.collate(emb.build_product_inputs([Product("a", "red mug")]))
+    with pytest.raises(ConfigError, match="moe_dispatch=grouped_mm: .*use moe_dispatch=auto or loop"):
+        emb(batch)
+    emb.config = emb.config.replace(moe_dispatch="auto")  # auto falls back to the loop
+    assert emb(batch).shape[0] == 1
+
+
+def test_moe_dispatch_is_a_runtime_switch():
+    from moon.errors import ConfigError
+    from moon.model import MoonConfig
+
+    with pytest.raises(ConfigError, match="moe_dispatch='fast'"):
+        MoonConfig(moe_dispatch="fast")
+    assert "moe_dispatch" not in MoonConfig().to_dict()
+    assert MoonConfig(moe_dispatch="loop").to_dict()["moe_dispatch"] == "loop"
+    a = MoonEmbedder.from_pretrained("moon-tiny", device="cpu")
+    b = MoonEmbedder.from_pretrained("moon-tiny", device="cpu", moe_dispatch="loop")
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_the_experts_activation_is_recognised_as_silu():
+    # the grouped GEMM path computes silu(gate) * up; transformers wraps SiLU in its own class
+    from moon.model.moe import _expert_act_is_silu, moe_layers
+
+    for name in ("moon-tiny", "moon-graft-tiny"):
+        expert = moe_layers(MoonEmbedder.from_pretrained(name, device="cpu"))[0].experts[0]
+        assert _expert_act_is_silu(expert), name
+        expert_gelu = type("E", (torch.nn.Module,), {})()
+        expert_gelu.act_fn = torch.nn.GELU()
+        assert not _expert_act_is_silu(expert_gelu)
+
+
+def test_the_grouped_gemm_check_does_not_depend_on_the_callers_grad_mode():
+    # the answer is cached per device and dtype; it once depended on whether the first caller ran
+    # under no_grad, which made two identical trainings dispatch differently
+    from moon.model import moe
+
+    saved = dict(moe._GROUPED_MM)
+    try:
+        answers = []
+        for grad in (False, True):
+            moe._GROUPED_MM.clear()
+            with torch.set_grad_enabled(grad):
+                answers.append(moe.grouped_mm_works(torch.device("cpu"), torch.float32))
+        assert answers[0] == answers[1]
+    finally:
+        moe._GROUPED_MM.clear()
+        moe._GROUPED_MM.update(saved)

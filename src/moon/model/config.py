@@ -32,6 +32,8 @@ ASPECT_TO_EXPERT: dict[str, str] = {
     "query_text": "text",
 }
 MOE_MODES = ("guided", "hard", "learned", "dense")
+#: how MoE layers run their experts (:attr:`MoonConfig.moe_dispatch`)
+MOE_DISPATCHES = ("auto", "loop", "grouped_mm")
 POOLINGS = ("mean", "last")
 
 
@@ -135,6 +137,13 @@ class MoonConfig:
             windows, other LM types) keep the padded path. A runtime switch: :meth:`to_dict` writes
             it only when off (configs saved before it existed, and their fingerprints, are unchanged)
             and the embedder's fingerprint ignores it.
+        moe_dispatch: how an MoE layer runs its aspect experts on the tokens routed to them (sorted by
+            expert once in every mode): ``auto`` (a grouped GEMM, ``torch.nn.functional.grouped_mm``,
+            where it runs and is right, forward and backward, for the device and dtype — checked once
+            per process, see :func:`moon.model.moe.grouped_mm_works` — else one matmul per expert),
+            ``loop`` (one matmul per expert) or ``grouped_mm`` (an error where it is not usable). Same
+            routing and the same vectors up to float rounding; a runtime switch like ``packed``:
+            written by :meth:`to_dict` only when not ``auto``, ignored by the fingerprint.
         graft: a :class:`GraftConfig` for the graft family (image encoder → projector → causal LM);
             ``None`` for the Qwen-VL family. ``min_pixels``/``max_pixels`` apply to Qwen-VL only.
     """
@@ -161,6 +170,7 @@ class MoonConfig:
     center: bool = False
     precision: str = "fp32"
     packed: bool = True
+    moe_dispatch: str = "auto"
     graft: GraftConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +187,8 @@ class MoonConfig:
             raise ConfigError(f"precision={self.precision!r}: expected auto, fp32 or bf16")
         if not isinstance(self.packed, bool):
             raise ConfigError(f"packed={self.packed!r}: expected true or false")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise ConfigError(f"moe_dispatch={self.moe_dispatch!r}: expected one of {', '.join(MOE_DISPATCHES)}")
         if self.moe_mode not in MOE_MODES:
             raise ConfigError(f"moe_mode={self.moe_mode!r}: expected one of {', '.join(MOE_MODES)}")
         if not 1 <= self.moe_top_k <= len(EXPERTS):
@@ -198,6 +210,8 @@ class MoonConfig:
         data = dataclasses.asdict(self)
         if data["packed"] is True:  # the default: left out, so older configs and fingerprints stay as they were
             del data["packed"]
+        if data["moe_dispatch"] == "auto":  # likewise
+            del data["moe_dispatch"]
         return data
 
     @classmethod

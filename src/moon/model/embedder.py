@@ -235,10 +235,11 @@ class MoonEmbedder(nn.Module):
         return plain
 
     def fingerprint(self) -> str:
-        """SHA-256 (16 hex chars) of the config and all weights (``packed`` left out: it does not
-        change the vectors)."""
+        """SHA-256 (16 hex chars) of the config and all weights (``packed`` and ``moe_dispatch``
+        left out: they do not change the vectors)."""
         config = self.config.to_dict()
         config.pop("packed", None)
+        config.pop("moe_dispatch", None)
         h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for key, value in sorted(self.plain_state_dict().items()):
             h.update(key.encode())
@@ -278,6 +279,7 @@ class MoonEmbedder(nn.Module):
         packed without padding when :attr:`packing`, zeros at padding then)."""
         dev = self.device
         self.routing.aux_losses = []
+        self.routing.dispatch = self.config.moe_dispatch
         packed = self.packing
         tags = batch["aspect_ids"].to(dev)
         if packed:  # the MoE sees the packed tokens, so it gets their tags only
@@ -344,7 +346,7 @@ class MoonEmbedder(nn.Module):
         """Per MoE layer: ``{"aspects", "experts", "counts"}``, counts an ``(n_aspects, n_experts)``
         int64 array of top-1 routings of real tokens since the last reset."""
         stats = {
-            layer: {"aspects": list(ASPECTS), "experts": list(EXPERTS), "counts": counts.numpy().copy()}
+            layer: {"aspects": list(ASPECTS), "experts": list(EXPERTS), "counts": counts.cpu().numpy().copy()}
             for layer, counts in sorted(self.routing.counts.items())
         }
         if reset:
