@@ -217,8 +217,12 @@ def test_concurrent_http_requests_are_batched_and_equal_the_library(served_index
         expected = embedder.encode_queries([Query(id="x", text=text)])[0]
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected, atol=1e-6)
     assert sum(sizes) == len(texts) and max(sizes) > 1, sizes  # fewer model calls than requests
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
-    assert f"moon_batches {len(sizes)}" in metrics and "moon_batch_queue_depth 0" in metrics
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples if not s.labels}
+    assert samples["moon_batch_size_count"] == len(sizes) and samples["moon_batch_size_sum"] == len(texts)
+    assert samples["moon_batch_largest"] == max(sizes) and samples["moon_batch_queue_depth"] == 0
 
 
 def test_a_full_queue_answers_503_with_retry_after(served_index, start_server):

@@ -1,8 +1,10 @@
 """The HTTP API and search page over one index: ``create_app(index_dir) -> FastAPI``.
 
 Routes: ``GET /`` (search page), ``POST /search``, ``POST /embed``, ``GET /products/{id}``,
-``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics``, and the OpenAI-compatible
-``POST /v1/embeddings`` and ``GET /v1/models`` (:mod:`moon.serve.openai_api`). Every error is JSON
+``GET /products/{id}/image``, ``GET /healthz``, ``GET /metrics`` (:mod:`moon.serve.metrics`),
+``GET /openapi.json`` and its Swagger UI page ``GET /docs``, and the OpenAI-compatible
+``POST /v1/embeddings`` and ``GET /v1/models`` (:mod:`moon.serve.openai_api`). Request and
+response bodies are the pydantic models of :mod:`moon.serve.schemas` (and of ``openai_api``). Every error is JSON
 ``{"error": {"code": <status>, "type": "...", "message": "..."}}`` (:mod:`moon.serve.errors`). Product ids are only ever dictionary keys;
 image files are served from the record's path after checking it lies inside the store, and only
 raster types (never SVG, which can carry script); every response says ``X-Content-Type-Options:
@@ -18,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import json
 import os
+import re
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,12 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -51,6 +59,19 @@ from moon.serve.errors import error_body
 from moon.serve.headers import SecurityHeaders, secure_headers
 from moon.serve.limits import ServeLimits
 from moon.serve.metrics import Metrics
+from moon.serve.schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    HealthResponse,
+    ProductResponse,
+    QueryInfo,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    error_responses,
+    multipart_schema,
+    validation_message,
+)
 
 #: the only files ``/products/{id}/image`` serves: raster formats a browser cannot run script from
 IMAGE_TYPES = {
@@ -61,8 +82,12 @@ IMAGE_TYPES = {
     ".gif": "image/gif",
     ".bmp": "image/bmp",
 }
-#: HTTP methods counted by name in ``/metrics``; any other is counted as ``OTHER``
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: the description of ``/openapi.json``
+OPENAPI_DESCRIPTION = (
+    "Product search and query embeddings over one MOON index, and OpenAI-compatible embeddings "
+    '(`/v1/embeddings`, `/v1/models`). Every error is JSON `{"error": {"code", "type", "message"}}`. '
+    "See docs/serving.md."
+)
 #: the deepest JSON body accepted (a query is an object of three scalars)
 MAX_JSON_DEPTH = 32
 
@@ -107,7 +132,14 @@ def _product_urls(product_id: str, n_images: int) -> list[str]:
 class _Service:
     """Index + model + store, with bounded model concurrency and a per-call deadline."""
 
-    def __init__(self, index: VectorIndex, embedder: Embedder, store: ProductStore, limits: ServeLimits):
+    def __init__(
+        self,
+        index: VectorIndex,
+        embedder: Embedder,
+        store: ProductStore,
+        limits: ServeLimits,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.index = index
         self.embedder = embedder
         self.store = store
@@ -120,6 +152,7 @@ class _Service:
             max_wait_s=limits.max_wait_ms / 1000.0,
             max_queue=limits.max_queue,
             max_pixels=limits.max_pixels,
+            on_batch=on_batch,
         )
 
     def _encode_groups(self, groups: list[list[QueryItem]]) -> list[tuple[list[Query], np.ndarray] | ApiError]:
@@ -223,32 +256,33 @@ def image_from_base64(raw: Any, what: str = "image") -> bytes:
         raise ApiError(400, f"{what} is not valid base64") from None
 
 
-async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) -> tuple[Query, int, bytes | None]:
-    """Parse a JSON or multipart query: text, image (base64 in JSON / file upload) and k.
+async def _read_query(
+    request: Request, limits: ServeLimits, model: type[SearchRequest] | type[EmbedRequest]
+) -> tuple[Query, int, bytes | None]:
+    """Parse a JSON or multipart query of ``model`` (:class:`SearchRequest` or
+    :class:`EmbedRequest`): text, image (base64 in JSON / file upload) and k.
 
-    Returns ``(query without images, k, image bytes or None)``: the image is decoded later, by
-    :func:`decode_images` inside the worker slot."""
+    Both forms are validated with ``model`` (a multipart form's unknown fields are ignored, its
+    image is the uploaded file). Returns ``(query without images, k, image bytes or None)``: the
+    image is decoded later, by :func:`decode_images` inside the worker slot."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    text: Any = None
-    k: Any = 10
     image_bytes: bytes | None = None
     if ctype == "application/json":
         payload = await read_json_body(request)
         if not isinstance(payload, dict):
             raise ApiError(400, 'the JSON body must be an object like {"text": "red sneaker", "k": 10}')
-        unknown = sorted(set(payload) - {"text", "k", "image"})
-        if unknown:
-            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected text, image (base64), k")
-        text, k = payload.get("text"), payload.get("k", 10)
-        if payload.get("image") is not None:
-            image_bytes = image_from_base64(payload["image"])
+        req = _validate(model, payload, limits)
+        if req.image is not None:
+            image_bytes = image_from_base64(req.image)
     elif ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
         except StarletteHTTPException as exc:
             raise ApiError(400, f"bad multipart form ({exc.detail})") from None
-        text = form.get("text")
-        k = form.get("k") or 10
+        fields: dict[str, Any] = {"text": form.get("text")}
+        if model is SearchRequest and form.get("k"):
+            fields["k"] = form.get("k")
+        req = _validate(model, fields, limits)
         upload = form.get("image")
         if upload is not None and not isinstance(upload, str):
             image_bytes = await upload.read()
@@ -261,19 +295,20 @@ async def _read_query(request: Request, limits: ServeLimits, *, with_k: bool) ->
             415, f"unsupported content type {ctype or '(none)'!r}; send application/json or multipart/form-data"
         )
 
-    text = clean_text(text, limits)
-    if with_k:
-        try:
-            if isinstance(k, bool) or (isinstance(k, float) and not k.is_integer()):
-                raise ValueError
-            k = int(k)
-        except (TypeError, ValueError):
-            raise ApiError(400, f"k must be an integer, got {k!r}") from None
-        if not 1 <= k <= limits.max_k:
-            raise ApiError(400, f"k must be between 1 and {limits.max_k}, got {k}")
+    text = clean_text(req.text, limits)
+    k = req.k if isinstance(req, SearchRequest) else 0
+    if isinstance(req, SearchRequest) and k > limits.max_k:
+        raise ApiError(400, f"k must be between 1 and {limits.max_k}, got {k}")
     if text is None and image_bytes is None:
         raise ApiError(400, "give a query text, an image, or both")
-    return Query(id="request", text=text, images=[]), int(k), image_bytes
+    return Query(id="request", text=text, images=[]), k, image_bytes
+
+
+def _validate(model: type[EmbedRequest], fields: dict[str, Any], limits: ServeLimits) -> EmbedRequest:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise ApiError(400, validation_message(exc, limits.max_k)) from None
 
 
 def decode_images(items: list[tuple[Query, bytes | None, str]], limits: ServeLimits) -> list[Query]:
@@ -331,10 +366,13 @@ def create_app(
             store.product(product_id)
         except KeyError:
             pass
-    service = _Service(index, embedder, store, limits)
     metrics = Metrics()
-    metrics.gauges["moon_index_products"] = len(index)
+    service = _Service(index, embedder, store, limits, on_batch=metrics.observe_batch)
+    metrics.track(service.batcher)
+    metrics.index_products.set(len(index))
 
+    # /openapi.json and /docs are routes of their own below (openapi_route, docs_page): routes
+    # like the others (so /metrics labels them), /docs with its own CSP
     app = FastAPI(title="MOON product search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = metrics
@@ -378,9 +416,9 @@ def create_app(
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            method = request.method if request.method in METHODS else "OTHER"
-            metrics.observe(getattr(route, "path", "(unmatched)"), method, status, time.perf_counter() - start)
+            # the matched route's path template (bounded), never the raw URL; None when unmatched
+            route = getattr(request.scope.get("route"), "path", None)
+            metrics.observe(route, request.method, status, time.perf_counter() - start)
 
     app.add_middleware(SecurityHeaders)  # added last: outermost, so it sees every response above
 
@@ -394,58 +432,81 @@ def create_app(
             },
         )
 
-    @app.post("/search")
-    async def search_route(request: Request) -> dict[str, Any]:
-        query, k, image = await _read_query(request, limits, with_k=True)
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        responses=error_responses(400, 413, 415, 503, 504),
+        openapi_extra=request_body_schema(SearchRequest),
+    )
+    async def search_route(request: Request) -> SearchResponse:
+        query, k, image = await _read_query(request, limits, SearchRequest)
         start = time.perf_counter()
         queries, vectors = await service.embed_queries([(query, image, "uploaded image")])
         query = queries[0]
         hits = await service.call(nearest_products, service.index, vectors, k=k, store=service.store)
         results = []
         for hit in hits:
-            row = asdict(hit)
             try:
                 n_images = len(service.store.product(hit.id).images)
             except KeyError:
                 n_images = 0
-            row["image_url"] = _product_urls(hit.id, n_images)[0] if n_images else None
-            row["product_url"] = f"/products/{quote(hit.id, safe='')}"
-            results.append(row)
-        return {
-            "query": {"text": query.text, "images": len(query.images), "modality": query.modality, "k": k},
-            "took_ms": round(1000 * (time.perf_counter() - start), 2),
-            "results": results,
-        }
+            results.append(
+                SearchResult(
+                    rank=hit.rank,
+                    id=hit.id,
+                    score=float(hit.score),
+                    title=hit.title,
+                    image_url=_product_urls(hit.id, n_images)[0] if n_images else None,
+                    product_url=f"/products/{quote(hit.id, safe='')}",
+                )
+            )
+        return SearchResponse(
+            query=QueryInfo(text=query.text, images=len(query.images), modality=query.modality, k=k),
+            took_ms=round(1000 * (time.perf_counter() - start), 2),
+            results=results,
+        )
 
-    @app.post("/embed")
-    async def embed_route(request: Request) -> dict[str, Any]:
-        query, _, image = await _read_query(request, limits, with_k=False)
+    @app.post(
+        "/embed",
+        response_model=EmbedResponse,
+        responses=error_responses(400, 413, 415, 503, 504),
+        openapi_extra=request_body_schema(EmbedRequest),
+    )
+    async def embed_route(request: Request) -> EmbedResponse:
+        query, _, image = await _read_query(request, limits, EmbedRequest)
         _, vectors = await service.embed_queries([(query, image, "uploaded image")])
         vector = vectors[0]
-        return {
-            "model": service.index.manifest.model,
-            "fingerprint": service.index.manifest.fingerprint,
-            "dim": int(vector.shape[0]),
-            "embedding": vector.tolist(),
-        }
+        return EmbedResponse(
+            model=service.index.manifest.model,
+            fingerprint=service.index.manifest.fingerprint,
+            dim=int(vector.shape[0]),
+            embedding=vector.tolist(),
+        )
 
-    @app.get("/products/{product_id}")
-    async def product_route(product_id: str) -> dict[str, Any]:
+    @app.get("/products/{product_id}", response_model=ProductResponse, responses=error_responses(404))
+    async def product_route(product_id: str) -> ProductResponse:
         try:
             product = service.store.product(product_id)
         except KeyError:
             raise ApiError(404, f"no product with id {product_id!r}") from None
-        return {
-            "id": product.id,
-            "title": product.title,
-            "category": product.category,
-            "attributes": product.attributes,
-            "group": product.group,
-            "images": _product_urls(product.id, len(product.images)),
-            "indexed": product.id in service.index,
-        }
+        return ProductResponse(
+            id=product.id,
+            title=product.title,
+            category=product.category,
+            attributes=product.attributes,
+            group=product.group,
+            images=_product_urls(product.id, len(product.images)),
+            indexed=product.id in service.index,
+        )
 
-    @app.get("/products/{product_id}/image")
+    @app.get(
+        "/products/{product_id}/image",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {media: {} for media in sorted(set(IMAGE_TYPES.values()))}, "description": "the image"},
+            **error_responses(400, 403, 404),
+        },
+    )
     async def product_image_route(product_id: str, n: int = 0) -> FileResponse:
         try:
             product = service.store.product(product_id)
@@ -475,30 +536,105 @@ def create_app(
 
     add_openai_routes(app, service)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> HealthResponse:
         m = service.index.manifest
-        return {
-            "status": "ok",
-            "version": __version__,
-            "products": len(service.index),
-            "kind": m.kind,
-            "model": m.model,
-            "dim": m.dim,
-            "recall_at_10": m.recall_at_10,
-        }
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_route() -> PlainTextResponse:
-        stats = service.batcher.stats()
-        metrics.gauges.update(
-            {
-                "moon_batches": stats.batches,  # model calls made by the batcher
-                "moon_batched_queries": stats.queries,
-                "moon_batch_largest": stats.largest,
-                "moon_batch_queue_depth": stats.queued,
-            }
+        return HealthResponse(
+            status="ok",
+            version=__version__,
+            products=len(service.index),
+            kind=m.kind,
+            model=m.model,
+            dim=m.dim,
+            recall_at_10=m.recall_at_10,
         )
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "the Prometheus text format"}},
+    )
+    async def metrics_route(request: Request) -> Response:
+        body, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_route() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    docs_html = get_swagger_ui_html(
+        openapi_url="/openapi.json", title=f"{app.title} - API", swagger_favicon_url="data:,"
+    ).body
+    docs_csp = docs_policy(docs_html.decode("utf-8"))
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs_page() -> HTMLResponse:
+        return HTMLResponse(docs_html, headers={"Content-Security-Policy": docs_csp})
 
     return app
+
+
+#: the models a route validates its request body with itself (it takes the raw request, for its
+#: multipart form or its JSON checks): declared in ``/openapi.json`` by :func:`request_body_schema`
+def _request_models() -> list[type[BaseModel]]:
+    from moon.serve.openai_api import EmbeddingRequest
+
+    return [SearchRequest, EmbedRequest, EmbeddingRequest]
+
+
+def request_body_schema(model: type[BaseModel], *, multipart: bool = True) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route validating its body with ``model``: JSON (and a multipart
+    form, its image a file upload)."""
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": multipart_schema(model)}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the request models of :func:`_request_models` as components, and a
+    validation error declared as what the server answers (a 400 in the error shape, not a 422)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            openapi_version=app.openapi_version,
+            description=OPENAPI_DESCRIPTION,
+            routes=app.routes,
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        _, defs = models_json_schema(
+            [(model, "validation") for model in _request_models()], ref_template="#/components/schemas/{model}"
+        )
+        components.update(defs.get("$defs", {}))
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:  # the validation-error handler answers 400
+                    responses.setdefault("400", {"description": "malformed request", "content": error_content})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+
+
+def docs_policy(html: str) -> str:
+    """The CSP of ``/docs`` (FastAPI's Swagger UI page): its script and stylesheet from the CDN it
+    names (cdn.jsdelivr.net), its one inline script allowed by its SHA-256 (no 'unsafe-inline'
+    script), inline styles (Swagger UI sets them), images from here and data: URLs (its icons),
+    and fetches only to this server (``/openapi.json`` and "Try it out")."""
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode() + "'"
+        for script in _INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src https://cdn.jsdelivr.net {hashes}; "
+        "style-src https://cdn.jsdelivr.net 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'"
+    )

@@ -59,7 +59,8 @@ class Batcher(Generic[P, R]):
 
     ``run(payloads)`` returns one result per payload, in order: a value, or an exception to raise
     in that request alone. ``call(fn, arg)`` runs ``fn(arg)`` in a worker thread within the server's
-    model slots and deadline (:meth:`moon.serve.app._Service.call`).
+    model slots and deadline (:meth:`moon.serve.app._Service.call`). ``on_batch(size)``, when
+    given, is called with the number of queries of each batch run (the ``/metrics`` histogram).
     """
 
     def __init__(
@@ -71,8 +72,10 @@ class Batcher(Generic[P, R]):
         max_wait_s: float,
         max_queue: int,
         max_pixels: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ):
         self.run = run
+        self.on_batch = on_batch
         self.call = call
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -135,6 +138,8 @@ class Batcher(Generic[P, R]):
         self._batches += 1
         self._queries += batch.size
         self._largest = max(self._largest, batch.size)
+        if self.on_batch is not None:
+            self.on_batch(batch.size)
         self._running += 1
         try:
             results = await self.call(self.run, [p for p, _ in live])

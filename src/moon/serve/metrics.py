@@ -1,56 +1,87 @@
-"""Request counters and latency histograms, rendered in the Prometheus text format at ``/metrics``."""
+"""``/metrics``: request counts and latencies, batching and index gauges, with ``prometheus_client``.
+
+Each app has its own :class:`~prometheus_client.CollectorRegistry` (never the process-wide default
+one), so two apps in one process keep separate counts. Labels are bounded: ``route`` is the
+matched route's path template (``/products/{product_id}``, never the raw URL; every path no route
+matches is ``(unmatched)``), ``method`` one of :data:`METHODS` or ``OTHER``, ``status`` the HTTP
+status the app answered. The metrics (docs/serving.md, "Metrics"):
+
+- ``moon_requests_total{route,method,status}`` (counter)
+- ``moon_request_seconds{route,method,status}`` (histogram, :data:`BUCKETS`)
+- ``moon_batch_size`` (histogram of queries per model call, :data:`BATCH_BUCKETS`)
+- ``moon_batch_largest``, ``moon_batch_queue_depth`` (gauges read from the batcher when scraped)
+- ``moon_index_products``, ``moon_uptime_seconds`` (gauges)
+"""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from moon.serve.batching import Batcher
+
+#: latency buckets, seconds
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: batch-size buckets, queries (``max_batch`` is at most 4096)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: HTTP methods counted by name; any other is counted as ``OTHER``
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: the ``route`` label of every request no route matched
+UNMATCHED = "(unmatched)"
 
 
 class Metrics:
-    """Thread-safe counters: requests by (route, method, status) and latency by route."""
+    """The metrics of one app, in its own registry."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.started = time.time()
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency_count: dict[str, int] = defaultdict(int)
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.latency_buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
-        self.gauges: dict[str, float] = {}
+        self.registry = CollectorRegistry()
+        labels = ("route", "method", "status")
+        self.requests = Counter(
+            "moon_requests", "HTTP requests by route template, method and status.", labels, registry=self.registry
+        )
+        self.latency = Histogram(
+            "moon_request_seconds",
+            "HTTP request latency in seconds by route template, method and status.",
+            labels,
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "moon_batch_size",
+            "Queries encoded together in one model call (dynamic batching).",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_largest = Gauge(
+            "moon_batch_largest", "The most queries encoded in one model call so far.", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "moon_batch_queue_depth", "Queries waiting or being encoded now.", registry=self.registry
+        )
+        self.index_products = Gauge("moon_index_products", "Vectors in the served index.", registry=self.registry)
+        started = time.time()
+        uptime = Gauge("moon_uptime_seconds", "Seconds since the app was created.", registry=self.registry)
+        uptime.set_function(lambda: time.time() - started)
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(route, method, status)] += 1
-            self.latency_count[route] += 1
-            self.latency_sum[route] += seconds
-            buckets = self.latency_buckets[route]
-            for i, bound in enumerate(BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+    def track(self, batcher: Batcher) -> None:
+        """Read the queue depth and largest batch from ``batcher`` at each scrape (the batch-size
+        histogram is fed by the batcher's ``on_batch`` hook: :meth:`observe_batch`)."""
+        self.queue_depth.set_function(lambda: batcher.stats().queued)
+        self.batch_largest.set_function(lambda: batcher.stats().largest)
 
-    def render(self) -> str:
-        """The metrics as Prometheus exposition text."""
-        lines = [
-            "# HELP moon_requests_total HTTP requests by route, method and status.",
-            "# TYPE moon_requests_total counter",
-        ]
-        with self._lock:
-            for (route, method, status), n in sorted(self.requests.items()):
-                lines.append(f'moon_requests_total{{route="{route}",method="{method}",status="{status}"}} {n}')
-            lines += [
-                "# HELP moon_request_seconds Request latency by route.",
-                "# TYPE moon_request_seconds histogram",
-            ]
-            for route in sorted(self.latency_count):
-                for bound, n in zip(BUCKETS, self.latency_buckets[route], strict=True):
-                    lines.append(f'moon_request_seconds_bucket{{route="{route}",le="{bound}"}} {n}')
-                lines.append(f'moon_request_seconds_bucket{{route="{route}",le="+Inf"}} {self.latency_count[route]}')
-                lines.append(f'moon_request_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}')
-                lines.append(f'moon_request_seconds_count{{route="{route}"}} {self.latency_count[route]}')
-            for name, value in sorted(self.gauges.items()):
-                lines += [f"# TYPE {name} gauge", f"{name} {value}"]
-        lines += ["# TYPE moon_uptime_seconds gauge", f"moon_uptime_seconds {time.time() - self.started:.1f}"]
-        return "\n".join(lines) + "\n"
+    def observe(self, route: str | None, method: str, status: int, seconds: float) -> None:
+        """Count one request: ``route`` is the matched path template (``None``: unmatched)."""
+        labels = (route or UNMATCHED, method if method in METHODS else "OTHER", str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type: the Prometheus text format, or OpenMetrics when
+        ``accept`` asks for it (``prometheus_client``'s own negotiation)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

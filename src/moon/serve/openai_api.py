@@ -27,7 +27,8 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from moon.data import Query
-from moon.serve.app import ApiError, clean_text, image_from_base64, read_json_body
+from moon.serve.app import ApiError, clean_text, image_from_base64, read_json_body, request_body_schema
+from moon.serve.schemas import error_responses
 
 #: the most inputs in one request (OpenAI's limit)
 MAX_INPUTS = 2048
@@ -221,7 +222,12 @@ def add_openai_routes(app: FastAPI, service: Any) -> None:
     :class:`moon.serve.app._Service`)."""
     limits = service.limits
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingResponse,
+        responses=error_responses(400, 404, 413, 415, 503, 504),
+        openapi_extra=request_body_schema(EmbeddingRequest, multipart=False),
+    )
     async def embeddings_route(request: Request) -> EmbeddingResponse:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
