@@ -33,6 +33,7 @@ unpickled: see :func:`legacy_checkpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -129,10 +130,12 @@ def _write_error(
 
 
 def _ckpt_write_error(
-    exc: OSError, run_dir: str | os.PathLike, step: int, tmp: Path, nbytes: int | None
+    exc: OSError, run_dir: str | os.PathLike, step: int, tmp: Path, nbytes: int | None, *, remove: bool = True
 ) -> CheckpointWriteError:
-    """Remove the partly written ``tmp`` and describe the failed write of the checkpoint of ``step``."""
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Remove the partly written ``tmp`` (unless not ``remove``) and describe the failed write of the
+    checkpoint of ``step``."""
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
     found = list_checkpoints(run_dir)
     kept = "the partly written checkpoint was removed; " + (
         f"the earlier checkpoints are intact (newest: {found[-1][1].name})" if found else "there is no earlier one"
@@ -385,15 +388,22 @@ def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def write_rng(tmp: Path, rank: int) -> None:
-    """Write this rank's RNG states into ``tmp``; a failed write removes ``tmp`` (the checkpoint
-    is lost, none before it) and is a one-line :class:`CheckpointWriteError`."""
+    """Write this rank's RNG states into ``tmp``; a failed write is a one-line
+    :class:`CheckpointWriteError` and removes ``tmp`` (the checkpoint is lost, none before it). On a
+    rank other than 0 it removes only this rank's files: the other ranks may still be writing into
+    ``tmp``, and rank 0 removes it once every rank has heard of the failure (``moon.train.loop``)."""
     state = rng_state()
+    name = f"rng-rank{rank}"
     try:
-        _save_state(state, tmp, f"rng-rank{rank}")
+        _save_state(state, tmp, name)
     except OSError as exc:
         m = _NAME.match(tmp.name.removesuffix(".tmp"))
         step = int(m.group(1)) if m else 0
-        raise _ckpt_write_error(exc, tmp.parent.parent, step, tmp, _nbytes(state)) from exc
+        if rank != 0:
+            for suffix in (".safetensors", ".json"):
+                with contextlib.suppress(OSError):
+                    (tmp / f"{name}{suffix}").unlink(missing_ok=True)
+        raise _ckpt_write_error(exc, tmp.parent.parent, step, tmp, _nbytes(state), remove=rank == 0) from exc
 
 
 def finish_checkpoint(

@@ -5,12 +5,16 @@ Single-process runs use the same code with ``world_size == 1`` (every collective
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from moon.errors import TrainingError
 
 
 @dataclass
@@ -141,3 +145,43 @@ def broadcast_object(obj: object, ctx: DistContext) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class PeerFailedError(TrainingError):
+    """Another process of the run failed to write a file it alone writes (rank 0's checkpoint,
+    ``metrics.jsonl`` …): this process stopped too, instead of waiting at the next collective forever."""
+
+
+@contextlib.contextmanager
+def shared_outcome(ctx: DistContext, what: str) -> Iterator[None]:
+    """Make the outcome of a write that only some ranks do (``what``: e.g. ``"checkpoint step-00000004"``)
+    every rank's outcome.
+
+    One process: nothing changes, the error of the block (if any) is raised as it is. Several: a
+    write error of the block (a :class:`~moon.errors.TrainingError` such as ``CheckpointWriteError`` /
+    ``RunFileWriteError``, or an ``OSError``) is held, then every rank takes part in one small
+    all-reduce (a 0/1 flag per rank; it also serves as the barrier after the write) and, if any rank
+    failed, every rank raises: the failing rank its own error, the others a one-line
+    :class:`PeerFailedError` naming the rank. Other exceptions are not caught (bugs keep their
+    tracebacks)."""
+    if not ctx.distributed:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except (TrainingError, OSError) as exc:
+        error = exc
+    flags = torch.zeros(ctx.world_size, dtype=torch.int32, device=ctx.device)
+    if error is not None:
+        flags[ctx.rank] = 1
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        ranks = " and ".join(f"rank {r}" for r in failed[:3]) + (" …" if len(failed) > 3 else "")
+        raise PeerFailedError(
+            f"{ranks} could not write {what} (its own error line says why and what was kept); "
+            f"training stopped on all {ctx.world_size} processes"
+        )

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +37,14 @@ from moon.train import checkpoints as ckpt
 from moon.train.collapse import CollapseWatch, RelapseWatch, chance_loss
 from moon.train.config import TrainConfig, config_from_dict, read_yaml, validate_config
 from moon.train.dataset import open_training_data, read_training_records
-from moon.train.distributed import DistContext, average_gradients, barrier, broadcast_object, init_distributed
+from moon.train.distributed import (
+    DistContext,
+    PeerFailedError,
+    average_gradients,
+    broadcast_object,
+    init_distributed,
+    shared_outcome,
+)
 from moon.train.losses import ContrastiveLoss
 from moon.train.memory import MemoryQueue
 from moon.train.metrics_log import (
@@ -160,13 +168,16 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     # an image path is one error line now, before anything is written and before any model work, not a
     # failure (or a hang) at the step that draws it
     records = read_training_records(config.data.dir, crop_source=config.data.crop_source)  # type: ignore[arg-type]
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.yaml", config.to_yaml())
-        except OSError as exc:
-            raise _run_write_error(exc, run_dir / "config.yaml", "before the first step", run_dir) from exc
-    barrier(ctx)
+    # rank 0 alone writes the run directory's files; each write's outcome is shared (shared_outcome: one
+    # small all-reduce, which also serves as the barrier), so a failed write stops every process with a
+    # one-line error instead of leaving the others waiting at the next collective forever
+    with shared_outcome(ctx, str(run_dir / "config.yaml")):
+        if ctx.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+            except OSError as exc:
+                raise _run_write_error(exc, run_dir / "config.yaml", "before the first step", run_dir) from exc
 
     seed = config.run.seed
     _seed_everything(seed)  # identical model init on every rank; a bad model option fails here, before images are read
@@ -254,14 +265,15 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
         best = trainer_sd.get("best", best)
         if rng is not None:
             ckpt.set_rng_state(rng)
-    if ctx.is_main:
-        try:  # a resumed run drops what the lost run logged after its checkpoint
-            truncate_metrics(run_dir, start)
-            logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=True)
-        except OSError as exc:
-            raise _run_write_error(exc, run_dir / METRICS_FILE, f"before step {start + 1}", run_dir) from exc
-    else:
-        logger = MetricsLogger(run_dir, enabled=False)
+    with shared_outcome(ctx, str(run_dir / METRICS_FILE)):
+        if ctx.is_main:
+            try:  # a resumed run drops what the lost run logged after its checkpoint
+                truncate_metrics(run_dir, start)
+                logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, enabled=True)
+            except OSError as exc:
+                raise _run_write_error(exc, run_dir / METRICS_FILE, f"before step {start + 1}", run_dir) from exc
+        else:
+            logger = MetricsLogger(run_dir, enabled=False)
 
     total = config.optim.steps
     collapse = CollapseWatch(start=config.optim.warmup_steps)
@@ -279,7 +291,7 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     if config.run.val_at_start and start == 0:
         scores = broadcast_object(validator() if ctx.is_main or fsdp else None, ctx)
         if scores is not None:
-            _log(logger, {"step": 0, **scores}, run_dir)
+            _log(logger, {"step": 0, **scores}, run_dir, ctx)
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -325,18 +337,15 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
                     if scores[RECALL_KEY] > best:
                         best, improved = scores[RECALL_KEY], True
             if done % config.run.log_every == 0 or validate_now or done == total:
-                _log(logger, record, run_dir)
+                _log(logger, record, run_dir, ctx)
             checkpoint_now = bool(config.run.ckpt_every and done % config.run.ckpt_every == 0) or done == total
             if (improved or checkpoint_now) and not fsdp:  # (sharded weights: checked by their own ranks' losses)
                 _check_finite_weights(model, done, run_dir)
-            if improved:
-                _save_embedder(model, run_dir / "best", config, ctx, fsdp)
-            if improved and ctx.is_main:
-                try:  # (through a temporary file: a failed write leaves the previous best.json whole)
-                    write_text_atomic(run_dir / "best.json", json.dumps({"step": done, **(scores or {})}) + "\n")
-                except OSError as exc:
-                    during = f"the best validation score, step {done}; the previous best.json was left as it was"
-                    raise _run_write_error(exc, run_dir / "best.json", during, run_dir) from exc
+            if improved:  # (every rank: the scores were broadcast)
+                with shared_outcome(ctx, f"best/ and best.json (step {done})"):
+                    _save_embedder(model, run_dir / "best", config, ctx, fsdp)
+                    if ctx.is_main:
+                        _write_best_json(run_dir, done, scores)
             if checkpoint_now:
                 _save_checkpoint(run_dir, done, model, optimizer, scheduler, loss_mod, queue, best, config, ctx, fsdp)
             if ctx.is_main:
@@ -352,8 +361,8 @@ def train(config: TrainConfig, *, resume: bool = False, ctx: DistContext | None 
     finally:
         bar.close()
         logger.close()
-    _save_embedder(model, run_dir / "final", config, ctx, fsdp)
-    barrier(ctx)
+    with shared_outcome(ctx, f"{run_dir / 'final'}/"):
+        _save_embedder(model, run_dir / "final", config, ctx, fsdp)
     return {
         "run_dir": str(run_dir),
         "steps": total,
@@ -373,12 +382,24 @@ def _run_write_error(exc: OSError, path: Path, during: str, run_dir: Path) -> Ru
     return run_file_write_error(exc, path, during=during, kept=kept)
 
 
-def _log(logger: MetricsLogger, record: dict[str, Any], run_dir: Path) -> None:
-    """``logger.log(record)``; a failed write (a full disk) is a one-line :class:`RunFileWriteError`."""
+def _write_best_json(run_dir: Path, step: int, scores: dict[str, float] | None) -> None:
+    """``best.json`` through a temporary file: a failed write leaves the previous one whole and is a
+    one-line :class:`RunFileWriteError`."""
     try:
-        logger.log(record)
+        write_text_atomic(run_dir / "best.json", json.dumps({"step": step, **(scores or {})}) + "\n")
     except OSError as exc:
-        raise _run_write_error(exc, logger.path, f"the record of step {record['step']}", run_dir) from exc
+        during = f"the best validation score, step {step}; the previous best.json was left as it was"
+        raise _run_write_error(exc, run_dir / "best.json", during, run_dir) from exc
+
+
+def _log(logger: MetricsLogger, record: dict[str, Any], run_dir: Path, ctx: DistContext) -> None:
+    """``logger.log(record)`` (rank 0; every rank calls); a failed write (a full disk) is a one-line
+    :class:`RunFileWriteError`, and a stop on every rank."""
+    with shared_outcome(ctx, str(logger.path)):
+        try:
+            logger.log(record)
+        except OSError as exc:
+            raise _run_write_error(exc, logger.path, f"the record of step {record['step']}", run_dir) from exc
 
 
 def _newest_readable_checkpoint(
@@ -482,23 +503,31 @@ def _save_checkpoint(
         model_sd, optim_sd = full_model_state(model), full_optimizer_state(model, optimizer)
     else:
         model_sd, optim_sd = (ckpt.model_state(model), optimizer.state_dict()) if ctx.is_main else ({}, {})
-    tmp = (
-        ckpt.begin_checkpoint(run_dir, step) if ctx.is_main else ckpt.checkpoint_dir(run_dir, step).with_suffix(".tmp")
-    )
-    barrier(ctx)
-    ckpt.write_rng(tmp, ctx.rank)
-    barrier(ctx)
-    if ctx.is_main:
-        trainer = {
-            "step": step,
-            "data_position": {"step": step, "examples_seen": step * config.optim.batch_size},
-            "optimizer": optim_sd,
-            "strategy": "fsdp" if fsdp else "ddp",
-            "scheduler": scheduler.state_dict(),
-            "loss": loss_mod.state_dict(),
-            "queue": queue.state_dict(),
-            "best": best,
-            "config": config.to_dict(),
-        }
-        ckpt.finish_checkpoint(run_dir, step, tmp, model_sd, trainer, config.run.keep_last)
-    barrier(ctx)
+    what = f"checkpoint {ckpt.checkpoint_dir(run_dir, step).name}"
+    tmp = ckpt.checkpoint_dir(run_dir, step).with_suffix(".tmp")
+    # each stage's outcome is shared (one small all-reduce, in place of the barriers): a write that
+    # fails on one rank stops every rank with a one-line error, none waits for the others forever
+    with shared_outcome(ctx, what):
+        if ctx.is_main:
+            tmp = ckpt.begin_checkpoint(run_dir, step)
+    try:
+        with shared_outcome(ctx, what):
+            ckpt.write_rng(tmp, ctx.rank)
+    except PeerFailedError:  # another rank's write failed (every rank has finished writing): no half checkpoint left
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with shared_outcome(ctx, what):
+        if ctx.is_main:
+            trainer = {
+                "step": step,
+                "data_position": {"step": step, "examples_seen": step * config.optim.batch_size},
+                "optimizer": optim_sd,
+                "strategy": "fsdp" if fsdp else "ddp",
+                "scheduler": scheduler.state_dict(),
+                "loss": loss_mod.state_dict(),
+                "queue": queue.state_dict(),
+                "best": best,
+                "config": config.to_dict(),
+            }
+            ckpt.finish_checkpoint(run_dir, step, tmp, model_sd, trainer, config.run.keep_last)

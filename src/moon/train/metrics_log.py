@@ -164,17 +164,51 @@ def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # an OSError: the old file is kept
 
 
+TB_DIR = "tb"
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """Keep the ``OSError`` of TensorBoard's background writer thread (a full disk, a read-only
+    folder) from being printed as a thread traceback: the writer raises the same error again at its
+    next call in the training process, where :class:`MetricsLogger` turns it into one warning line.
+    Any other thread's exception, or any other exception, goes to the hook that was there before."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_moon_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook._moon_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
 class MetricsLogger:
     """Appends records to ``metrics.jsonl`` (each line written straight to the file, unbuffered) and
     writes scalars to TensorBoard.
 
     Only the main process logs (``enabled=False`` elsewhere). A failed write (``OSError``: a full
     disk …) cuts the file back to its last whole line, closes it and is re-raised by :meth:`log`.
+
+    TensorBoard is a mirror, ``metrics.jsonl`` the record: a TensorBoard folder that cannot be written
+    (read-only, a full disk when its writer flushes) is one ``RuntimeWarning`` line naming the folder
+    and the cause, and TensorBoard logging is off for the rest of the run; the run goes on.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
+        self.tb_dir = Path(run_dir) / TB_DIR
         self._file = None
         self._tb = None
         self._size = 0
@@ -185,10 +219,26 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is an optional extra
-                self._tb = None
+                return
+            _quiet_tensorboard_thread_errors()
+            try:
+                self._tb = SummaryWriter(str(self.tb_dir))
+            except OSError as exc:
+                self._tensorboard_off(exc)
+
+    def _tensorboard_off(self, exc: OSError) -> None:
+        """Warn (once: the writer is dropped) and write no more TensorBoard scalars."""
+        tb, self._tb = self._tb, None
+        warnings.warn(
+            f"TensorBoard logging is off for the rest of the run: could not write {self.tb_dir} ({_reason(exc)}); "
+            f"{self.path} keeps every record",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        if tb is not None:
+            with contextlib.suppress(OSError):  # (it may fail the same way again)
+                tb.close()
 
     def _write(self, data: bytes) -> None:
         """Write all of ``data`` to the (unbuffered) file; an ``OSError`` may leave part of it written."""
@@ -216,9 +266,12 @@ class MetricsLogger:
         self._size += len(line)
         if self._tb is not None:
             step = int(record["step"])
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key.replace("@", "_at_"), value, step)
+            try:  # (a failure of the writer's background thread surfaces at its next call)
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(key.replace("@", "_at_"), value, step)
+            except OSError as exc:
+                self._tensorboard_off(exc)
 
     def close(self) -> None:
         if self._file is not None:
@@ -226,5 +279,9 @@ class MetricsLogger:
                 self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            try:
+                self._tb.flush()  # (raises what the background thread met; close would not)
+                self._tb.close()
+                self._tb = None
+            except OSError as exc:
+                self._tensorboard_off(exc)
