@@ -81,6 +81,10 @@ VARIANTS: dict[str, ModelRun] = {
                           **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
     "smol-keep12": _smol("smol-keep12", {"graft": {"keep_layers": 12}, "moe_layers": [-3, -2, -1]},
                          **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
+    # the share of visual vs text tokens in the pooled vector: pooled apart and mixed half and half
+    # (the two-tower's late fusion, inside one sequence)
+    "smol-modality": _smol("smol-modality", {"pooling": "modality"},
+                           **{"optim.lr": 1e-4, "optim.lr_scale": {"projector": 10.0}}),
     "two-tower-text64": ModelRun("two-tower-text64", "two-tower", overrides={"max_text_tokens": 64}, crops=False,
                                  train_overrides={**BF16, "optim.lr": 1e-4, "optim.lr_scale": {"head": 10.0}}),
     # the real bar for MOON's text side: MiniLM + EfficientNet features with trained heads

@@ -12,9 +12,9 @@ def _alone(encode, records):
     return np.concatenate([encode([r], batch_size=1) for r in records])
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "modality"])
 def test_product_vector_alone_equals_vector_in_a_padded_batch(tiny, products, pooling):
-    emb = tiny if pooling == "mean" else MoonEmbedder.from_pretrained("moon-tiny", device="cpu", pooling="last")
+    emb = tiny if pooling == "mean" else MoonEmbedder.from_pretrained("moon-tiny", device="cpu", pooling=pooling)
     batched = emb.encode_products(products, batch_size=len(products))
     alone = _alone(emb.encode_products, products)
     assert batched.dtype == np.float32 and batched.shape == (len(products), emb.dim)

@@ -34,7 +34,7 @@ ASPECT_TO_EXPERT: dict[str, str] = {
 MOE_MODES = ("guided", "hard", "learned", "dense")
 #: how MoE layers run their experts (:attr:`MoonConfig.moe_dispatch`)
 MOE_DISPATCHES = ("auto", "loop", "grouped_mm")
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "modality")
 
 
 @dataclass
@@ -110,7 +110,11 @@ class MoonConfig:
     Attributes:
         backbone: the preset name, local directory or hub id the backbone came from.
         seed: seed of the random init for presets (and of the MoE routers when upcycling).
-        pooling: ``mean`` (masked mean of the last hidden states, the paper's) or ``last`` token.
+        pooling: ``mean`` (masked mean of the last hidden states, the paper's), ``last`` token, or
+            ``modality``: the means of the visual tokens and of the text tokens, each L2-normalised,
+            mixed with weight ``pooling_image_weight`` on the visual side (a late fusion inside one
+            sequence; :func:`moon.model.pooling.pool`).
+        pooling_image_weight: the visual side's weight for ``pooling: modality`` (0 < w < 1).
         projection_dim: optional linear projection after pooling (``None``: none, the paper's).
         matryoshka_dim: keep only the first this-many dimensions (before L2 normalisation).
         max_images: product/query images kept per record (extra ones are dropped with a warning).
@@ -151,6 +155,7 @@ class MoonConfig:
     backbone: str = "moon-tiny"
     seed: int = 0
     pooling: str = "mean"
+    pooling_image_weight: float = 0.5
     projection_dim: int | None = None
     matryoshka_dim: int | None = None
     max_images: int = 8
@@ -183,6 +188,8 @@ class MoonConfig:
         """Raise :class:`ConfigError` naming the bad field and value."""
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if not 0.0 < self.pooling_image_weight < 1.0:
+            raise ConfigError(f"pooling_image_weight={self.pooling_image_weight}: must be between 0 and 1 (exclusive)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r}: expected auto, fp32 or bf16")
         if not isinstance(self.packed, bool):
@@ -212,6 +219,8 @@ class MoonConfig:
             del data["packed"]
         if data["moe_dispatch"] == "auto":  # likewise
             del data["moe_dispatch"]
+        if data["pooling_image_weight"] == 0.5 and data["pooling"] != "modality":  # unused: left out, as above
+            del data["pooling_image_weight"]
         return data
 
     @classmethod

@@ -291,9 +291,19 @@ class MoonEmbedder(nn.Module):
         """Un-normalised embeddings ``(B, dim)`` (pooling, projection, Matryoshka cut)."""
         return self.finish_pooling(self.hidden_states(batch), batch)
 
+    def _pool(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        c = self.config
+        return pool(
+            hidden,
+            batch["attention_mask"].to(hidden.device),
+            c.pooling,
+            aspect_ids=batch["aspect_ids"] if c.pooling == "modality" else None,
+            image_weight=c.pooling_image_weight,
+        )
+
     def finish_pooling(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """``(B, L, H)`` last hidden states → un-normalised ``(B, dim)`` float32 vectors."""
-        vec = pool(hidden, batch["attention_mask"].to(hidden.device), self.config.pooling)
+        vec = self._pool(hidden, batch)
         if self.config.center:
             vec = vec - self.center.to(vec.dtype)
         if self.projection is not None:
@@ -329,9 +339,7 @@ class MoonEmbedder(nn.Module):
                     for start in range(0, len(records), batch_size):
                         batch = self.collate([build(r) for r in records[start : start + batch_size]])
                         hidden = self.hidden_states(batch)
-                        total += (
-                            pool(hidden, batch["attention_mask"].to(hidden.device), self.config.pooling).float().sum(0)
-                        )
+                        total += self._pool(hidden, batch).float().sum(0)
                     means.append(total / len(records))
         finally:
             self.train(was_training)
