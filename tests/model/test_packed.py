@@ -228,12 +228,6 @@ def test_packing_can_be_switched_off_and_saved(tmp_path, records):
     np.testing.assert_allclose(on.encode_products(records[0]), again.encode_products(records[0]), atol=1e-5)
 
 
-def test_the_qwen_vl_family_keeps_its_padded_path():
-    emb = MoonEmbedder.from_pretrained("moon-tiny", device="cpu")
-    assert emb.config.packed and not emb.packing
-    assert emb.family.text_model(emb.backbone).config._attn_implementation == "sdpa"
-
-
 def test_the_padded_path_goes_through_moon_sdpa(models):
     assert models["dense"].family.text_model(models["dense"].backbone).config._attn_implementation == ATTN_IMPL
 

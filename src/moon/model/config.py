@@ -135,10 +135,11 @@ class MoonConfig:
         precision: what ``encode_products``/``encode_queries`` compute in: ``fp32``; ``bf16``
             (autocast); ``auto`` = bf16 on CUDA and on CPUs with native bf16, else fp32
             (:mod:`moon.precision`). Training precision is ``run.precision`` of the trainer.
-        packed: run the graft's decoder on the real tokens of a batch only (block-diagonal attention,
-            no padding; :mod:`moon.model.packed`). Same vectors as the padded path (tested to 1e-5 in
-            float32), so it is on by default; decoders it cannot run (the Qwen-VL family, sliding
-            windows, other LM types) keep the padded path. A runtime switch: :meth:`to_dict` writes
+        packed: run the decoder on the real tokens of a batch only (block-diagonal attention, no
+            padding; :mod:`moon.model.packed`): the graft family and Qwen2-VL / Qwen2.5-VL (M-RoPE
+            positions per sequence). Same vectors as the padded path (tested to 1e-5 in float32), so
+            it is on by default; decoders it cannot run (Qwen3-VL, sliding windows, other LM types)
+            keep the padded path. A runtime switch: :meth:`to_dict` writes
             it only when off (configs saved before it existed, and their fingerprints, are unchanged)
             and the embedder's fingerprint ignores it.
         moe_dispatch: how an MoE layer runs its aspect experts on the tokens routed to them (sorted by

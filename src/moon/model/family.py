@@ -139,9 +139,19 @@ class QwenVLFamily(BackboneFamily):
         images = QwenImageInputs(self.image_processor(config, backbone), merge_size=merge)
         return InputBuilder(config, tokenizer, images, Markers.qwen_vl(tokenizer))
 
+    #: base model types whose packed forward is :meth:`_packed_hidden_states` (Qwen3-VL adds deepstack
+    #: visual features inside its decoder, which that forward does not feed)
+    PACKABLE = ("qwen2_vl", "qwen2_5_vl")
+
+    def install_packing(self, backbone: nn.Module) -> bool:
+        from moon.model.packed import install
+
+        model_type = getattr(base_model(backbone).config, "model_type", None)
+        if model_type not in self.PACKABLE:
+            return False
+        return install(self.text_model(backbone))
+
     def hidden_states(self, backbone, batch, *, device, dtype, packed=False):
-        if packed:
-            raise NotImplementedError("qwen-vl: packed sequences are not implemented (install_packing is False)")
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
@@ -151,6 +161,8 @@ class QwenVLFamily(BackboneFamily):
         base = base_model(backbone)
         mm = (ids == int(base.config.image_token_id)).long()
         positions, _ = base.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
+        if packed:
+            return self._packed_hidden_states(backbone, ids, mask, positions, pixels, grid)
         out = backbone(
             input_ids=ids,
             attention_mask=mask,
@@ -161,6 +173,28 @@ class QwenVLFamily(BackboneFamily):
             use_cache=False,
         )
         return out.last_hidden_state
+
+    def _packed_hidden_states(self, backbone, ids, mask, positions, pixels, grid) -> torch.Tensor:
+        """The padded forward's computation on the real tokens only (:mod:`moon.model.packed`): the
+        same token embeddings, image features (the vision tower runs all images concatenated, as in
+        the padded forward) placed at the image tokens in the same order, the same M-RoPE position
+        ids (``positions``, from the padded batch) gathered to ``(3, 1, T)``, and block-diagonal
+        attention; zeros at padding."""
+        from moon.model.packed import PackedLayout, decoder_forward
+
+        base = base_model(backbone)
+        layout = PackedLayout.from_mask(mask)
+        row = layout.pack(ids.unsqueeze(-1)).squeeze(-1)  # (1, T)
+        embeds = base.get_input_embeddings()(row)
+        if pixels is not None:
+            feats = base.get_image_features(pixels, grid, return_dict=True).pooler_output
+            feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+            slots = row == int(base.config.image_token_id)
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f"qwen-vl: {int(slots.sum())} image tokens but {feats.shape[0]} image features")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
+        hidden = decoder_forward(self.text_model(backbone), embeds, layout, positions=layout.pack_positions(positions))
+        return layout.unpack(hidden)
 
     def vision_module(self, backbone: nn.Module) -> nn.Module:
         return base_model(backbone).visual

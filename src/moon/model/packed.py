@@ -21,11 +21,17 @@ padded path computes exactly what it did before. :func:`decoder_forward` calls t
 forward on the packed row with no mask, position ids restarting per sequence and the
 layout as a keyword that transformers forwards, through every layer, to the attention function.
 
-Only decoder types checked to be the same function packed (:data:`PACKABLE`: Llama/SmolLM, Qwen2)
-are packed; anything else (other LM types, sliding windows, another attention implementation,
-attention dropout) keeps the padded path (:func:`why_unsupported`).
-The Qwen-VL family is not packed (it keeps its padded path; M-RoPE and its vision tower are not
-handled here).
+The Qwen-VL family (Qwen2-VL, Qwen2.5-VL) packs the same way: its vision tower already runs all
+images of a batch as one concatenated sequence, so only the text decoder changes. The 3-D M-RoPE
+position ids are computed on the padded batch by the model's own ``get_rope_index`` (exactly what the
+padded forward uses) and gathered for the real tokens (:meth:`PackedLayout.pack_positions`), and the
+image features are placed at the image tokens of the packed row, in the same order as the padded
+forward places them (``QwenVLFamily.hidden_states``).
+
+Only decoder types checked to be the same function packed (:data:`PACKABLE`: Llama/SmolLM, Qwen2,
+the Qwen2-VL and Qwen2.5-VL text decoders) are packed; anything else (other LM types such as
+Qwen3-VL's, whose deepstack features enter inside the decoder, sliding windows, another attention
+implementation, attention dropout) keeps the padded path (:func:`why_unsupported`).
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ log = logging.getLogger(__name__)
 
 ATTN_IMPL = "moon_sdpa"
 _BASE_IMPL = "sdpa"
-#: decoder model types tested packed == padded (tests/model/test_packed.py)
-PACKABLE = ("llama", "qwen2")
+#: decoder model types tested packed == padded (tests/model/test_packed.py, test_packed_qwen.py)
+PACKABLE = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 # --------------------------------------------------------------------------- the layout
@@ -101,6 +107,10 @@ class PackedLayout:
         dev = self.index.device
         starts = self.cu_seqlens[:-1].long().repeat_interleave(torch.tensor(self.lengths, device=dev))
         return (torch.arange(self.total, device=dev) - starts).unsqueeze(0)
+
+    def pack_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``(R, B, L)`` position ids (M-RoPE: ``R = 3``) → ``(R, 1, T)``: those of the real tokens."""
+        return positions.reshape(positions.shape[0], -1).index_select(1, self.index).unsqueeze(1)
 
     def unpack(self, h: torch.Tensor) -> torch.Tensor:
         """``(1, T, H)`` → ``(B, L, H)`` with zeros at padding."""
@@ -216,12 +226,15 @@ def install(decoder: nn.Module) -> bool:
     return True
 
 
-def decoder_forward(decoder: nn.Module, embeds: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+def decoder_forward(
+    decoder: nn.Module, embeds: torch.Tensor, layout: PackedLayout, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The decoder on packed ``(1, T, H)`` input embeddings → ``(1, T, H)`` last hidden states.
 
     transformers' own forward of the decoder (its layers, gradient checkpointing included), with no
-    mask built (:func:`moon_sdpa_mask`), position ids restarting in every sequence, and the layout
-    passed through to ``moon_sdpa``, which makes the attention block-diagonal.
+    mask built (:func:`moon_sdpa_mask`), the layout passed through to ``moon_sdpa``, which makes the
+    attention block-diagonal, and ``positions``: default ``(1, T)`` ids restarting in every sequence
+    (:meth:`PackedLayout.positions`); the Qwen-VL family passes its packed ``(3, 1, T)`` M-RoPE ids.
     """
     if decoder.config._attn_implementation != ATTN_IMPL:
         raise RuntimeError("packed decoder_forward() needs install(decoder) first")
@@ -230,7 +243,7 @@ def decoder_forward(decoder: nn.Module, embeds: torch.Tensor, layout: PackedLayo
         out = decoder(
             inputs_embeds=embeds,
             attention_mask=None,
-            position_ids=layout.positions(),
+            position_ids=layout.positions() if positions is None else positions,
             use_cache=False,
             moon_packed=layout,
         )
