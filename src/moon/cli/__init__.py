@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "assets": ("moon.cli.assets", "assets", "Pretrained weights that install offline: list, install, verify."),
     "data": ("moon.cli.data", "data", "Product stores: synthesise, import MBE, validate, stats, gallery."),
     "detect": ("moon.cli.detect", "detect", "Core product region detection: train, eval, run, gallery."),
+    "embed": ("moon.cli.embed", "embed", "Embed every product of a store into resumable vector shards."),
     "eval": ("moon.cli.eval", "eval_cmd", "Benchmark embedders on MBE-style tasks; compare results."),
     "index": ("moon.cli.index", "index", "Build and update a vector index of a product store."),
     "search": ("moon.cli.search", "search", "Search an index by text and/or photo."),

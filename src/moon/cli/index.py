@@ -14,7 +14,20 @@ def index() -> None:
 
 @index.command()
 @click.option("--model", "model", required=True, help="Embedder spec (moon-tiny, a saved directory, random …).")
-@click.option("--data", "data", required=True, type=click.Path(file_okay=False), help="Product store to index.")
+@click.option(
+    "--data",
+    "data",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Product store to index (with --from-vectors: default the store the vectors name).",
+)
+@click.option(
+    "--from-vectors",
+    "from_vectors",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index the shards written by `moon embed` instead of encoding (--model must be the model that wrote them).",
+)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option(
     "--kind",
@@ -49,12 +62,13 @@ def index() -> None:
     help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
 )
 def build(
-    model, data, out, kind, exact_limit, params, batch_size, recall_queries, overwrite, trust_remote_code
+    model, data, from_vectors, out, kind, exact_limit, params, batch_size, recall_queries, overwrite, trust_remote_code
 ) -> None:
     """Encode every product of a store and write a FAISS index with its manifest.
 
     A model directory and the store are recorded as absolute paths and relative to --out, so the
-    index works from any directory and after moving the index together with them.
+    index works from any directory and after moving the index together with them. With
+    --from-vectors the vectors of `moon embed` are indexed as they are (checked, not re-encoded).
     """
     from moon.errors import ConfigError
     from moon.index import build_index
@@ -69,20 +83,17 @@ def build(
             parsed[key] = int(value)
         except ValueError as exc:
             raise ConfigError(f"--param {item!r}: the value must be an integer") from exc
+    if data is None and from_vectors is None:
+        raise ConfigError("give the product store to index (--data) or the vectors of `moon embed` (--from-vectors)")
     embedder = load_embedder(model, trust_remote_code=trust_remote_code)
-    idx = build_index(
-        embedder,
-        data,
-        out,
-        model=model,
-        kind=kind,
-        params=parsed,
-        batch_size=batch_size,
-        exact_limit=exact_limit,
-        recall_queries=recall_queries,
-        overwrite=overwrite,
-        show_progress=True,
-    )
+    options = dict(model=model, kind=kind, params=parsed, exact_limit=exact_limit, recall_queries=recall_queries,
+                   overwrite=overwrite, show_progress=True)  # fmt: skip
+    if from_vectors is not None:
+        from moon.index.from_vectors import build_index_from_shards
+
+        idx = build_index_from_shards(from_vectors, out, embedder, store=data, **options)
+    else:
+        idx = build_index(embedder, data, out, batch_size=batch_size, **options)
     m = idx.manifest
     recall = "n/a" if m.recall_at_10 is None else f"{m.recall_at_10:.4f} on {m.recall_queries:,} {m.recall_source}"
     click.echo(f"{out}: {m.count:,} products, {m.kind} index, dim {m.dim}, Recall@10 vs exact {recall}")

@@ -399,7 +399,7 @@ def _build_spooled(
             raise DataError(f"{store.root}: products.parquet yielded {len(ids)} products, its id column {n}")
         vectors.flush()
         chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
-        probe = _store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
+        probe = store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
         return build_index_from_vectors(
             out,
             ids,
@@ -422,7 +422,7 @@ def _build_spooled(
         del vectors
 
 
-def _store_queries(embedder: Embedder, store: ProductStore, limit: int, seed: int) -> np.ndarray | None:
+def store_queries(embedder: Embedder, store: ProductStore, limit: int, seed: int) -> np.ndarray | None:
     """Up to ``limit`` of the store's queries (sampled with ``seed``), encoded; ``None`` when it has none."""
     if limit <= 0:
         return None
