@@ -145,7 +145,7 @@ def test_ablation_config_errors_are_clear(tmp_path):
     [
         ("ablate-small.yaml", "moon-small", 80),
         ("ablate-tiny.yaml", "moon-tiny", 80),
-        ("ablate-smol.yaml", "moon-smol", 60),
+        ("ablate-smol.yaml", "moon-smol", 100),
     ],
 )
 def test_shipped_ablation_config_parses(name, spec, steps):
@@ -273,8 +273,42 @@ def test_a_tiny_ablation_runs_end_to_end_and_compares_with_full(tmp_path):
             eval_max_queries=20,
         ),
     )
-    md = run_ablation(tmp_path / "out", cfg, log=lambda m: None)
+    # stopped in the last run: seed-major order, so seed 0 is whole, and the files hold the 3 finished runs
+    from moon.demo import ablate
+
+    real_eval, real_train, calls = ablate._evaluate, ablate._train, {"eval": 0, "train": 0}
+
+    class Stop(Exception):
+        pass
+
+    def stopping_eval(*args, **kwargs):
+        calls["eval"] += 1
+        if calls["eval"] == 4:
+            raise Stop
+        return real_eval(*args, **kwargs)
+
+    def counting_train(*args, **kwargs):
+        calls["train"] += 1
+        return real_train(*args, **kwargs)
+
+    ablate._evaluate, ablate._train = stopping_eval, counting_train
+    try:
+        with pytest.raises(Stop):
+            run_ablation(tmp_path / "out", cfg, log=lambda m: None)
+        partial = json.loads((tmp_path / "out" / "ablation.json").read_text(encoding="utf-8"))
+        assert partial["partial"] and (partial["finished_runs"], partial["planned_runs"]) == (3, 4)
+        assert {k: len(v) for k, v in partial["runs"].items()} == {"full": 2, "dense": 1}
+        assert "Partial: 3 of 4 runs finished" in (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
+        # the rerun trains nothing again but the stopped run's model (its training had finished: cached)
+        calls["train"] = 0
+        ablate._evaluate = real_eval
+        md = run_ablation(tmp_path / "out", cfg, log=lambda m: None)
+        assert calls["train"] == 0
+    finally:
+        ablate._evaluate, ablate._train = real_eval, real_train
     data = json.loads((tmp_path / "out" / "ablation.json").read_text(encoding="utf-8"))
+    assert not data["partial"] and data["finished_runs"] == 4
+    assert "Partial" not in md.read_text(encoding="utf-8")
     assert set(data["summary"]) == {"full", "dense"} and all(len(v) == 2 for v in data["runs"].values())
     row = data["vs_full"]["dense"]
     retrieval = [m for m in row if m.endswith("R@10") and "queries" in row[m]]

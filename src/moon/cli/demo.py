@@ -60,7 +60,10 @@ def ablate(config_file: str, out: str, seeds: int | None) -> None:
     """Full MOON vs no crops, dense (no MoE), learned-only router, no hard negatives, with a memory
     queue, and in-batch-only negatives (the config's `variants` picks among them).
 
-    Writes OUT/ablation.md (mean ± std over seeds), OUT/ablation.json and OUT/ablation.png.
+    Writes OUT/ablation.md (mean ± std over seeds), OUT/ablation.json and OUT/ablation.png. Runs go
+    seed by seed (every variant of the first seed, then the next), and the files are rewritten after
+    each finished run, marked partial until the last; rerunning the same command resumes (finished
+    runs are cached stages).
     """
     from moon.demo.ablate import AblationConfig, run_ablation
 

@@ -166,10 +166,14 @@ def _run_variants(out: Path, cfg: AblationConfig, log: Callable[[str], None]) ->
     scores: dict[str, list[dict[str, float]]] = {}
     rankings: dict[str, list[Path]] = {}
     trained_runs: dict[str, Any] = {}
-    for variant in cfg.variants:
-        run = _run_for(variant, cfg.spec, cfg.overrides, cfg.train_overrides)
-        for seed in cfg.seeds:
-            seeded = replace(d, seed=seed)
+    runs = {variant: _run_for(variant, cfg.spec, cfg.overrides, cfg.train_overrides) for variant in cfg.variants}
+    total, done = len(cfg.variants) * len(cfg.seeds), 0
+    # seed-major: every variant of seed 0 first, so a stopped run leaves whole seeds; after each run
+    # the results files are rewritten with what is finished (a stopped process loses the run in flight)
+    for seed in cfg.seeds:
+        seeded = replace(d, seed=seed)
+        for variant in cfg.variants:
+            run = runs[variant]
             tag = f"{_slug(variant)}-seed{seed}"
             trained = runner.run(
                 f"train-{tag}",
@@ -195,6 +199,16 @@ def _run_variants(out: Path, cfg: AblationConfig, log: Callable[[str], None]) ->
             scores.setdefault(variant, []).append(summary_scores(res))
             rankings.setdefault(variant, []).append(Path(evaluated.outputs["results"]).parent / RANKINGS_FILE)
             trained_runs[tag] = trained
+            done += 1
+            if done < total:
+                write_ablation(
+                    out,
+                    cfg,
+                    scores,
+                    health=training_rows(trained_runs),
+                    comparisons=compare_to_baseline(scores, rankings) if "full" in scores else None,
+                    finished=(done, total),
+                )
     comparisons = compare_to_baseline(scores, rankings) if "full" in scores else None
     return write_ablation(out, cfg, scores, health=training_rows(trained_runs), comparisons=comparisons)
 
@@ -325,9 +339,11 @@ def write_ablation(
     scores: dict[str, list[dict[str, float]]],
     health: tuple[list[str], list[list[str]]] | None = None,
     comparisons: dict[str, dict[str, dict[str, Any]]] | None = None,
+    finished: tuple[int, int] | None = None,
 ) -> Path:
     """Write ablation.json, ablation.md (scores, then ``health``: the training-health table of
-    :func:`moon.demo.report.training_rows`, one row per run) and ablation.png."""
+    :func:`moon.demo.report.training_rows`, one row per run) and ablation.png. ``finished``:
+    ``(runs done, runs planned)`` while the ablation is still running (the files say it is partial)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,13 +355,28 @@ def write_ablation(
     )
     (out / "ablation.json").write_text(
         json.dumps(
-            {"spec": cfg.spec, "seeds": cfg.seeds, "runs": scores, "summary": table, "vs_full": comparisons}, indent=2
+            {
+                "spec": cfg.spec,
+                "seeds": cfg.seeds,
+                "runs": scores,
+                "summary": table,
+                "vs_full": comparisons,
+                "finished_runs": finished[0] if finished else sum(len(v) for v in scores.values()),
+                "planned_runs": finished[1] if finished else sum(len(v) for v in scores.values()),
+                "partial": finished is not None,
+            },
+            indent=2,
         ),
         encoding="utf-8",
     )
     lines = [
         f"# Ablation of {cfg.spec} on the product world ({_seeds(cfg)}, mean ± std, %)",
         "",
+        *(
+            [f"**Partial: {finished[0]} of {finished[1]} runs finished** (seed-major; the rest is still running).", ""]
+            if finished
+            else []
+        ),
         "| variant | " + " | ".join(metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",
     ]
