@@ -1,7 +1,8 @@
 """The ``moon`` command: a thin layer that parses arguments and calls the library.
 
 Command groups live in their own modules and are imported only when used, so ``moon --help``
-is fast. Any :class:`moon.errors.MoonError` becomes a one-line ``error: …`` message and exit 2.
+is fast. Any :class:`moon.errors.MoonError`, and any usage error (an unknown option, a value that is
+not a number), becomes a one-line ``error: …`` message and exit 2.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option or value: one line, with where to look
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {' '.join(exc.format_message().split())}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
