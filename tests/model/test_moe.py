@@ -288,3 +288,21 @@ def test_the_grouped_gemm_check_does_not_depend_on_the_callers_grad_mode():
     finally:
         moe._GROUPED_MM.clear()
         moe._GROUPED_MM.update(saved)
+
+
+def test_the_grouped_gemm_check_runs_inside_gradient_checkpointing(products):
+    # the check back-propagates; first asked inside a checkpointed forward, the checkpoint's
+    # saved-tensor hooks used to catch it (an AttributeError from inside torch.utils.checkpoint)
+    from moon.model import moe
+
+    saved = dict(moe._GROUPED_MM)
+    try:
+        moe._GROUPED_MM.clear()
+        emb = MoonEmbedder.from_pretrained("moon-graft-tiny", device="cpu")
+        emb.gradient_checkpointing_enable()
+        emb.train()
+        emb(emb.collate(emb.build_product_inputs(products))).sum().backward()
+        assert ("cpu", torch.float32) in moe._GROUPED_MM
+    finally:
+        moe._GROUPED_MM.clear()
+        moe._GROUPED_MM.update(saved)

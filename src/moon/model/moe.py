@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -246,7 +247,16 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     ``dtype`` on ``device`` (checked once per device type and dtype against per-group matmuls)."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM:
-        _GROUPED_MM[key] = _check_grouped_mm(device, dtype)
+        # in a thread of its own: the check back-propagates, and the first MoE forward may run inside
+        # gradient checkpointing, whose saved-tensor hooks (thread-local, like grad mode and autocast)
+        # must not see the check's tensors
+        result: list[bool] = []
+        worker = threading.Thread(
+            target=lambda: result.append(_check_grouped_mm(device, dtype)), name="moon-grouped-mm-check"
+        )
+        worker.start()
+        worker.join()
+        _GROUPED_MM[key] = bool(result and result[0])
     return _GROUPED_MM[key]
 
 
