@@ -13,15 +13,22 @@ of realistic token counts; queries in the paper's image : text : multimodal = 12
 Variants (each timed with CUDA events after warm-up; medians of ``--repeats``; an out-of-memory is
 recorded as ``"oom"``, never a crash):
 
-* ``train_hf``: the plain HF way: right-padded batches through ``MoonEmbedder.forward`` (SDPA, the
-  vision tower's per-window attention loop, the library's MoE dispatch), HF gradient checkpointing,
-  the same InfoNCE loss and AdamW.
-* ``train_ours[...]``: packed sequences (no padding), variable-length attention in the LLM and the
-  vision tower (one call per layer), MoE dispatch by a grouped GEMM over expert-sorted tokens without
-  host syncs, fused AdamW, GradCache chunks and/or gradient checkpointing as named.
+Both ways are the library's own forward (``MoonEmbedder``), switched by its runtime config
+(``emb.config = emb.config.replace(...)``, read on every forward; :func:`library_path`):
+
+* ``train_hf``: the plain HF way: ``packed=False`` (right-padded batches, SDPA),
+  ``moe_dispatch="loop"`` (one matmul per expert), HF gradient checkpointing, the same InfoNCE loss
+  and AdamW.
+* ``train_ours[...]``: ``packed=True`` (no padding; attention by :mod:`moon.model.packed`'s backend,
+  a varlen FlashAttention kernel on CUDA where one passes its check, else one SDPA call per distinct
+  sequence length; ``--attention`` picks it), ``moe_dispatch="auto"`` (a grouped GEMM over
+  expert-sorted tokens where ``grouped_mm`` works), fused AdamW, GradCache chunks and/or gradient
+  checkpointing as named.
 * ``train_ours_dense``: the best ``train_ours`` configuration with every MoE layer replaced by its
   shared (original dense) MLP: the MoE overhead is ``train_ours / train_ours_dense``.
-* ``embed_naive`` / ``embed_ours``: no-grad product embedding, padded loop vs packed.
+* ``embed_naive`` / ``embed_ours``: no-grad product embedding, the plain way vs the fast way.
+
+The vision tower is transformers' own in both ways.
 
 FLOPs are counted from the architecture (see :func:`count_flops` and NOTES.md); MFU is counted
 FLOPs per second over the bf16 matrix peak measured in the same run. A ``--device cpu`` run is a
@@ -33,28 +40,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import functools
 import gc
 import json
 import math
 import os
 import platform
-import sys
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from moon.model.backbone import base_model, language_model, preset_backbone_config
+from moon.model import packed
+from moon.model.backbone import base_model, build_backbone, language_model, preset_backbone_config
 from moon.model.config import ASPECTS, EXPERTS, PRESETS, MoonConfig
 from moon.model.embedder import MoonEmbedder
 from moon.model.inputs import EncodedInput
-from moon.model.moe import GuidedMoE, moe_layers
+from moon.model.moe import GuidedMoE, grouped_mm_works, moe_layers
 from moon.train.chunked import forward_backward
 from moon.train.losses import ContrastiveLoss
 
@@ -63,7 +67,6 @@ IMAGE_PAD, VISION_START, VISION_END, END, PAD = 151655, 151652, 151653, 151645, 
 TEXT_VOCAB = 151643  # ordinary BPE ids are below the specials
 PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch * patch
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
-ATTN_IMPL = "moon_varlen"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,236 +246,6 @@ def train_flops(fwd: dict[str, float], experts_trainable: bool) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention: variable-length (packed) kernels
-# ---------------------------------------------------------------------------------------------
-def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], causal: bool, scale: float):
-    """``(T, nh, d)`` packed q/k/v → ``(T, nh, d)``: one SDPA call per distinct segment length."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = torch.empty_like(q)
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_len.setdefault(n, []).append(starts[i])
-    for n, seg_starts in by_len.items():
-        idx = (torch.tensor(seg_starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        qs, ks, vs = (x.index_select(0, idx).view(len(seg_starts), n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _varlen_params() -> frozenset[str]:
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-class VarlenAttention:
-    """Packed attention over segments given by ``cu_seqlens``; picks the backend once per device.
-
-    ``flash_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, FlashAttention kernels; its
-    keyword arguments differ between torch releases, so they are chosen from its signature and the
-    choice is checked, forward and backward, against :func:`_grouped_sdpa` before use);
-    ``grouped_sdpa``: one SDPA call per distinct segment length (any device).
-    """
-
-    def __init__(self, device: torch.device, force: str | None = None):
-        self.expand_kv = False
-        self.backend = force or self._pick(device)
-
-    def _pick(self, device: torch.device) -> str:
-        if device.type != "cuda":
-            return "grouped_sdpa"
-        for expand in (False, True):
-            self.backend, self.expand_kv = "flash_varlen", expand
-            try:
-                if self._check(device):
-                    return "flash_varlen"
-            except Exception as exc:  # noqa: BLE001 - any failure means: not usable this way
-                print(f"varlen_attn (expand_kv={expand}) unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
-        self.expand_kv = False
-        return "grouped_sdpa"
-
-    def _check(self, device: torch.device) -> bool:
-        gen = torch.Generator(device=device).manual_seed(0)
-        lengths = [16, 40, 8]
-        cu = torch.tensor([0, 16, 56, 64], device=device, dtype=torch.int32)
-        for causal in (True, False):
-            q = torch.randn(64, 4, 64, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-            kv = torch.randn(64, 2, 64, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-            got = self(q, kv, kv, cu, 40, lengths, causal, 0.125)
-            (g_q, g_kv) = torch.autograd.grad(got.float().square().sum(), (q, kv))
-            ref = _grouped_sdpa(q, kv, kv, lengths, causal, 0.125)
-            (r_q, r_kv) = torch.autograd.grad(ref.float().square().sum(), (q, kv))
-            for a, b in ((got, ref), (g_q, r_q), (g_kv, r_kv)):
-                if not (a.float() - b.float()).norm() / b.float().norm() < 2e-2:
-                    return False
-        return True
-
-    def __call__(self, q, k, v, cu: torch.Tensor, max_len: int, lengths: list[int] | None, causal: bool, scale: float):
-        """``(T, nh, d)`` q and ``(T, nkv, d)`` k/v → ``(T, nh, d)`` (``lengths``: host copy of the
-        segment lengths, needed by ``grouped_sdpa`` only)."""
-        if self.backend == "flash_varlen":
-            from torch.nn.attention.varlen import varlen_attn
-
-            params = _varlen_params()
-            kwargs: dict[str, Any] = {"scale": scale}
-            if "window_size" in params:
-                kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-            else:
-                kwargs["is_causal"] = causal
-            if k.shape[1] != q.shape[1]:
-                if self.expand_kv:
-                    rep = q.shape[1] // k.shape[1]
-                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-                elif "enable_gqa" in params:
-                    kwargs["enable_gqa"] = True
-            cu = cu.to(torch.int32)
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
-        if lengths is None:
-            lengths = [x for x in (cu[1:] - cu[:-1]).tolist() if x > 0]
-        return _grouped_sdpa(q, k, v, lengths, causal, scale)
-
-
-def _text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A transformers attention function over packed sequences (``(1, nh, T, d)`` in, ``(1, T, nh, d)`` out)."""
-    attn: VarlenAttention = kwargs["moon_varlen"]
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
-    out = attn(
-        q, k, v,
-        kwargs["cu_seq_lens_q"], kwargs["max_length_q"], kwargs["moon_lengths"], True, scaling,
-    )  # fmt: skip
-    return out.unsqueeze(0), None
-
-
-def _register_text_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_IMPL, _text_attention)
-
-
-def _vision_attention_forward(attn: VarlenAttention) -> Callable:
-    """A replacement ``forward`` for Qwen2.5-VL vision attention: one packed call per layer."""
-
-    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-        rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
-        n = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = rotary(q, k, cos, sin)
-        if attn.backend == "flash_varlen" and not isinstance(max_seqlen, int):
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per layer
-        out = attn(q, k, v.contiguous(), cu_seqlens, max_seqlen, None, False, self.scaling)
-        return self.proj(out.reshape(n, -1))
-
-    return forward
-
-
-# ---------------------------------------------------------------------------------------------
-# MoE dispatch without a Python loop over experts and without host syncs
-# ---------------------------------------------------------------------------------------------
-def grouped_mm_works(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``F.grouped_mm`` runs (and is right) for ``dtype`` on ``device``."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    try:
-        a = torch.randn(48, 32, device=device, dtype=dtype)
-        b = torch.randn(3, 32, 16, device=device, dtype=dtype)
-        offs = torch.tensor([16, 16, 48], device=device, dtype=torch.int32)
-        a.requires_grad_()
-        got = F.grouped_mm(a, b, offs=offs)
-        (grad,) = torch.autograd.grad(got.float().square().sum(), a)
-        ref = torch.cat([a[:16].float() @ b[0].float(), a[16:].float() @ b[2].float()])
-        ref_grad = torch.cat([2 * ref[:16] @ b[0].float().t(), 2 * ref[16:] @ b[2].float().t()])
-        return bool(
-            (got.float() - ref).norm() / ref.norm() < 2e-2 and (grad.float() - ref_grad).norm() / ref_grad.norm() < 2e-2
-        )
-    except Exception:  # noqa: BLE001 - unsupported dtype/device/build
-        return False
-
-
-def _stacked_experts(moe: GuidedMoE) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, H, 2I)`` gate|up and ``(E, I, H)`` down weights of the aspect experts (cached when frozen)."""
-    frozen = not any(p.requires_grad for p in moe.experts.parameters())
-    cached = getattr(moe, "_moon_stacked", None)
-    if frozen and cached is not None:
-        return cached
-    gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight], 0).t() for e in moe.experts])
-    down = torch.stack([e.down_proj.weight.t() for e in moe.experts])
-    if frozen:
-        # keep one copy: the experts' own weights become views of the stacked tensors
-        gate_up, down = gate_up.contiguous(), down.contiguous()
-        inter = moe.experts[0].gate_proj.out_features
-        for i, e in enumerate(moe.experts):
-            e.gate_proj.weight.data = gate_up[i, :, :inter].t()
-            e.up_proj.weight.data = gate_up[i, :, inter:].t()
-            e.down_proj.weight.data = down[i].t()
-        object.__setattr__(moe, "_moon_stacked", (gate_up, down))
-    return gate_up, down
-
-
-def fast_moe_forward(use_grouped_mm: bool) -> Callable:
-    """A replacement ``GuidedMoE.forward``: same function, sorted tokens, grouped GEMM, no host sync.
-
-    Routing statistics (``RoutingState.counts``) are not collected (they need a host copy per layer).
-    """
-
-    def forward(self: GuidedMoE, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        n = flat.shape[0]
-        state = self._state
-        _, valid, expert_logits, top_idx, gates = self.route(flat)  # the library's routing, unchanged
-
-        k = top_idx.shape[1]
-        flat_expert = top_idx.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // k
-        xs = flat.index_select(0, token_of)
-        n_exp = len(self.experts)
-        # (bincount and one_hot read the maximum back to the host on CUDA; this comparison does not)
-        hits = flat_expert[:, None] == torch.arange(n_exp, device=x.device)
-        if use_grouped_mm:
-            offs = torch.cumsum(hits.sum(0), 0).to(torch.int32)
-            gate_up, down = _stacked_experts(self)
-            gu = F.grouped_mm(xs, gate_up, offs=offs)
-            g, u = gu.chunk(2, dim=-1)
-            ys = F.grouped_mm(F.silu(g) * u, down, offs=offs)
-        else:  # sorted slices, one launch group per expert (one host sync for the counts)
-            counts = hits.sum(0).tolist()
-            parts, start = [], 0
-            for e, c in enumerate(counts):
-                if c:
-                    parts.append(self.experts[e](xs[start : start + c]))
-                start += c
-            ys = torch.cat(parts)
-        ys = ys * gates[:, 1:].reshape(-1).index_select(0, order).unsqueeze(1)
-        # each (token, slot) pair is written exactly once: index_copy, whose backward is a gather
-        routed = flat.new_zeros(n * k, shape[-1]).index_copy(0, order, ys).view(n, k, -1).sum(1)
-        out = self.shared(flat) * gates[:, :1] + routed
-
-        if self.mode == "hard":
-            aux = expert_logits.new_zeros(())
-        else:
-            w = valid.float().unsqueeze(1)
-            probs = (torch.softmax(expert_logits, dim=-1) * w).sum(0) / w.sum().clamp(min=1)
-            frac = ((top_idx[:, :1] == torch.arange(n_exp, device=x.device)).float() * w).sum(0)
-            aux = n_exp * (frac.detach() / valid.sum().clamp(min=1) * probs).sum()
-        if not state.recomputing:
-            state.aux_losses.append(aux)
-        return out.reshape(shape)
-
-    return forward
-
-
-# ---------------------------------------------------------------------------------------------
 # The model and the two ways of running it
 # ---------------------------------------------------------------------------------------------
 class _IdTokenizer:
@@ -497,13 +270,9 @@ def build_model(preset: str, moe_layers_opt: str, device: torch.device, dtype: t
     n_layers = bcfg.get_text_config().num_hidden_layers
     layers = None if moe_layers_opt == "all" else list(range(n_layers - 4, n_layers))
     config = MoonConfig(backbone=preset, **PRESETS[preset][1]).replace(moe_layers=layers)
-    from moon.model.backbone import _classes
-
-    _, model_cls = _classes(bcfg.model_type)
-    bcfg._attn_implementation = "sdpa"
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # (build_backbone seeds the CPU generator only)
     with torch.device(device):
-        backbone = model_cls(bcfg)
+        backbone = build_backbone(bcfg, seed=config.seed)
     backbone.to(dtype=dtype)
     emb = MoonEmbedder(config, backbone, _IdTokenizer(), name=preset)
     return emb.to(device=device, dtype=dtype)
@@ -525,150 +294,34 @@ def dense_mode(emb: MoonEmbedder) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ours_mode(emb: MoonEmbedder, attn: VarlenAttention, use_grouped_mm: bool) -> Iterator[None]:
-    """Patch the model for the packed path: varlen attention (vision + decoder), fast MoE dispatch."""
-    base = base_model(emb.backbone)
-    text_cfg = language_model(emb.backbone).config
-    saved_impl = text_cfg._attn_implementation
-    patched = []
-    vis_forward = _vision_attention_forward(attn)
-    for block in base.visual.blocks:
-        block.attn.forward = types.MethodType(vis_forward, block.attn)
-        patched.append(block.attn)
-    moe_forward = fast_moe_forward(use_grouped_mm)
-    for moe in moe_layers(emb.backbone):
-        moe.forward = types.MethodType(moe_forward, moe)
-        patched.append(moe)
-    text_cfg._attn_implementation = ATTN_IMPL
+def library_path(emb: MoonEmbedder, ours: bool) -> Iterator[None]:
+    """Run ``emb`` the library's fast way (``ours``: packed sequences, ``moe_dispatch="auto"``, i.e. a
+    grouped GEMM where it works) or its plain way (padded batches, one matmul per expert); the
+    embedder reads its config on every forward, so this is a config switch, not a patch."""
+    saved = emb.config
+    emb.config = saved.replace(packed=ours, moe_dispatch="auto" if ours else "loop")
     try:
         yield
     finally:
-        text_cfg._attn_implementation = saved_impl
-        for m in patched:
-            del m.forward
+        emb.config = saved
 
 
-@dataclass
-class PackedBatch:
-    """Sequences concatenated without padding: ``(1, T)`` ids/tags, ``(S+1,)`` cu_seqlens."""
+class PreCollated:
+    """``emb`` for :func:`moon.train.chunked.forward_backward` with each list of items collated once
+    (the padded ``train_hf`` batches are built before timing too)."""
 
-    input_ids: torch.Tensor
-    aspect_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    lengths: list[int]
-    seq_index: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    padded_ids: torch.Tensor
-    padded_mask: torch.Tensor
-    padded_index: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, emb: MoonEmbedder):
+        self.emb = emb
+        self.batches: dict[tuple[int, ...], dict] = {}
 
-
-def pack(items: Sequence[EncodedInput]) -> PackedBatch:
-    lengths = [len(x) for x in items]
-    cu = torch.zeros(len(items) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    padded = torch.full((len(items), max(lengths)), PAD, dtype=torch.long)
-    mask = torch.zeros_like(padded)
-    for i, x in enumerate(items):
-        padded[i, : len(x)] = x.input_ids
-        mask[i, : len(x)] = 1
-    pvs = [x.pixel_values for x in items if x.pixel_values is not None]
-    grids = [x.image_grid_thw for x in items if x.image_grid_thw is not None]
-    return PackedBatch(
-        input_ids=torch.cat([x.input_ids for x in items])[None],
-        aspect_ids=torch.cat([x.aspect_ids for x in items])[None],
-        cu_seqlens=cu,
-        lengths=lengths,
-        seq_index=torch.repeat_interleave(torch.arange(len(items)), torch.tensor(lengths)),
-        pixel_values=torch.cat(pvs) if pvs else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
-        padded_ids=padded,
-        padded_mask=mask,
-        padded_index=mask.reshape(-1).nonzero().squeeze(1),  # where each packed token sits in the padded batch
-    )
-
-
-def vision_max_seqlens(vision_config: Any, grid_thw: torch.Tensor) -> tuple[int, int]:
-    """Longest image and longest attention window (in patches) of a batch, from its host-side grid,
-    so that the vision tower needs no device-to-host copy to learn them."""
-    win = vision_config.window_size // vision_config.patch_size
-    merge = vision_config.spatial_merge_size
-    grids = grid_thw.tolist()
-    full = max(h * w for _, h, w in grids)
-    window = max(max(_vision_windows(h, w, win, merge)) for _, h, w in grids)
-    return full, window
-
-
-def packed_embed(emb: MoonEmbedder, batch: PackedBatch, attn: VarlenAttention) -> torch.Tensor:
-    """``(S, H)`` float32 L2-normalised mean-pooled vectors of a packed batch (the ours path).
-
-    Same function as ``MoonEmbedder.forward`` on the padded batch (mean pooling, no projection).
-    """
-    dev, dtype = emb.device, emb.dtype
-    base = base_model(emb.backbone)
-    lm = language_model(emb.backbone)
-    ids = batch.input_ids.to(dev, non_blocking=True)
-    tags = batch.aspect_ids.to(dev, non_blocking=True)
-    cu = batch.cu_seqlens.to(dev, non_blocking=True)
-    seq_index = batch.seq_index.to(dev, non_blocking=True)
-    embeds = base.get_input_embeddings()(ids)
-    grid = None
-    if batch.pixel_values is not None:
-        grid = batch.image_grid_thw.to(dev)
-        max_full, max_window = vision_max_seqlens(base.visual.config, batch.image_grid_thw)
-        vis = base.visual(
-            batch.pixel_values.to(dev, dtype=dtype, non_blocking=True),
-            grid_thw=grid,
-            max_seqlen=max_full,
-            max_window_seqlen=max_window,
-        )
-        image_embeds = vis.pooler_output if hasattr(vis, "pooler_output") else vis
-        embeds = embeds.masked_scatter((ids == int(base.config.image_token_id)).unsqueeze(-1), image_embeds.to(embeds.dtype))
-    pids = batch.padded_ids.to(dev)
-    pmask = batch.padded_mask.to(dev)
-    positions, _ = base.get_rope_index(
-        pids, mm_token_type_ids=(pids == int(base.config.image_token_id)).long(), image_grid_thw=grid, attention_mask=pmask
-    )
-    positions = positions.reshape(3, -1).index_select(1, batch.padded_index.to(dev))[:, None, :]  # (3, 1, T)
-    pos_emb = lm.rotary_emb(embeds, positions)
-    kwargs = {
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu,
-        "max_length_q": max(batch.lengths),
-        "max_length_k": max(batch.lengths),
-        "moon_lengths": batch.lengths,
-        "moon_varlen": attn,
-    }
-    emb.routing.aux_losses = []
-    h = embeds
-    with emb.routing.using(tags):
-        for layer in lm.layers:
-            h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=pos_emb, **kwargs)
-            h = h[0] if isinstance(h, tuple) else h
-    h = lm.norm(h)[0].float()
-    sums = torch.zeros(len(batch.lengths), h.shape[-1], device=dev).index_add_(0, seq_index, h)
-    counts = (cu[1:] - cu[:-1]).float().unsqueeze(1)
-    return F.normalize(sums / counts, dim=-1)
-
-
-class _PackedModel:
-    """What :func:`moon.train.chunked.forward_backward` needs, over the packed path."""
-
-    def __init__(self, emb: MoonEmbedder, attn: VarlenAttention):
-        self.emb, self.attn = emb, attn
-        self._packs: dict[tuple[int, ...], PackedBatch] = {}
-
-    def collate(self, items: Sequence[EncodedInput]) -> PackedBatch:
-        """Packed batch, built once per list of items (the padded HF batches are built before timing too)."""
+    def collate(self, items: Sequence[EncodedInput]) -> dict:
         key = tuple(id(x) for x in items)
-        if key not in self._packs:
-            self._packs[key] = pack(items)
-        return self._packs[key]
+        if key not in self.batches:
+            self.batches[key] = self.emb.collate(items)
+        return self.batches[key]
 
-    def __call__(self, batch: PackedBatch) -> torch.Tensor:
-        return packed_embed(self.emb, batch, self.attn)
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.emb(batch)
 
     def aux_loss(self) -> torch.Tensor:
         return self.emb.aux_loss()
@@ -771,8 +424,6 @@ class Bench:
     products: list[EncodedInput]
     queries: list[EncodedInput]
     args: argparse.Namespace
-    attn: VarlenAttention
-    grouped_mm: bool
     peak_tflops: float | None
     deadline: float
     results: dict[str, Any] = field(default_factory=dict)
@@ -825,8 +476,6 @@ class Bench:
         finally:
             gc.collect()
             self.emb.zero_grad(set_to_none=True)
-            for moe in moe_layers(self.emb.backbone):
-                moe.__dict__.pop("_moon_stacked", None)
             self._prepare_memory()
         res["wall_s"] = time.monotonic() - t0
         self.results[name] = res
@@ -852,9 +501,10 @@ class Bench:
             opt.zero_grad(set_to_none=True)
 
         try:
-            times = Timer(self.device, self.deadline).run(step, a.warmup, a.repeats)
-            if a.profile:
-                self.results["profile_train_hf"] = profile_step(step, self.device, a.out, "train_hf")
+            with library_path(emb, ours=False):
+                times = Timer(self.device, self.deadline).run(step, a.warmup, a.repeats)
+                if a.profile:
+                    self.results["profile_train_hf"] = profile_step(step, self.device, a.out, "train_hf")
         finally:
             set_checkpointing(emb, False)
         f_p, f_q = self.flops(self.products), self.flops(self.queries)
@@ -871,7 +521,7 @@ class Bench:
         opt = torch.optim.AdamW(params, lr=1e-5, fused=fused)
         set_checkpointing(emb, checkpointing)
         loss = ContrastiveLoss(0.05).to(self.device)
-        model = _PackedModel(emb, self.attn)
+        model = PreCollated(emb)
         aux_weight = 0.0 if dense else emb.config.moe_aux_weight
 
         def step() -> None:
@@ -883,7 +533,7 @@ class Bench:
 
         ctx = dense_mode(emb) if dense else contextlib.nullcontext()
         try:
-            with ctx, ours_mode(emb, self.attn, self.grouped_mm):
+            with ctx, library_path(emb, ours=True):
                 times = Timer(self.device, self.deadline).run(step, a.warmup, a.repeats)
                 if a.profile and not dense and "profile_train_ours" not in self.results:
                     self.results["profile_train_ours"] = profile_step(step, self.device, a.out, "train_ours")
@@ -903,18 +553,14 @@ class Bench:
         bs = a.embed_batch
         items = self.products
         batches = [items[i : i + bs] for i in range(0, len(items), bs)]
-        prepared = [pack(b) for b in batches] if ours else [emb.collate(b) for b in batches]
+        prepared = [emb.collate(b) for b in batches]
 
         def run() -> None:
             with torch.no_grad():
                 for b in prepared:
-                    if ours:
-                        packed_embed(emb, b, self.attn)
-                    else:
-                        emb(b)
+                    emb(b)
 
-        ctx = ours_mode(emb, self.attn, self.grouped_mm) if ours else contextlib.nullcontext()
-        with ctx:
+        with library_path(emb, ours=ours):
             times = Timer(self.device, self.deadline).run(run, a.warmup, a.repeats)
         f = self.flops(self.products)
         res = self._figures(times, f["total"], len(self.products), 0, f["llm_tokens"])
@@ -1089,7 +735,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny batches, 1 repeat (smoke runs)")
     p.add_argument("--fail-fast", action="store_true", help="raise on a non-OOM error instead of recording it")
-    p.add_argument("--attention", choices=["auto", "flash_varlen", "grouped_sdpa"], default="auto")
+    p.add_argument(
+        "--attention",
+        choices=list(packed.BACKENDS),
+        default="auto",
+        help="packed attention backend of the library (moon.model.packed.ATTENTION_BACKEND)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floor", action="store_true", help="print the FLOP/byte floor of the configured batch and exit")
     p.add_argument("--out", default=".", help="folder for gpu-<card>-<date>.json (and the profile table): $OUT there")
@@ -1141,7 +792,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    _register_text_attention()
+    if args.attention != "auto":
+        packed.ATTENTION_BACKEND = args.attention
     shapes = Shapes.tiny() if args.preset == "moon-tiny" else Shapes()
     variants = args.variants.split(",")
     peak = measure_bf16_peak(device) if "peak" in variants else None
@@ -1154,15 +806,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(
         f"built {args.preset} ({n_params / 1e9:.2f} B params, MoE layers {len(emb.moe_layer_ids)}) in {build_s:.0f} s"
     )
-    attn = VarlenAttention(device, None if args.attention == "auto" else args.attention)
+    # the kernel probes of the fast path, run once here (outside any timed, checkpointed or no-grad
+    # forward): what the "ours" variants will use on this device and dtype
+    attention_backend = packed.attention_backend_name(device, dtype)
+    moe_dispatch = "grouped_mm" if grouped_mm_works(device, dtype) else "loop"
+    print(f"fast path: attention {attention_backend}, MoE dispatch {moe_dispatch}", flush=True)
     bench = Bench(
         emb=emb,
         device=device,
         products=synthetic_products(args.products, shapes, args.seed),
         queries=synthetic_queries(args.queries, shapes, args.seed + 1),
         args=args,
-        attn=attn,
-        grouped_mm=grouped_mm_works(device, dtype),
         peak_tflops=peak,
         deadline=t_start + args.budget_s,
     )
@@ -1229,8 +883,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "params_total": n_params,
         "params_trainable": sum(p.numel() for p in set_trainable(emb, args.trainable)),
         "build_s": build_s,
-        "attention_backend": attn.backend,
-        "moe_dispatch": "grouped_mm" if bench.grouped_mm else "sorted_loop",
+        # what the "ours" variants ran (the packed path and moe_dispatch="auto" on this device/dtype)
+        "packed": emb.packing,
+        "attention_backend": attention_backend,
+        "moe_dispatch": moe_dispatch,
         "batch": {
             "products": args.products,
             "queries": args.queries,

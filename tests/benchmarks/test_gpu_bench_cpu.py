@@ -1,5 +1,6 @@
 """CPU checks of benchmarks/gpu/bench_gpu.py on moon-tiny shapes: every code path the GPU run takes,
-and the equalities that make its "ours" numbers comparable with the plain Hugging Face path."""
+and the equalities that make its "ours" numbers (the library's fast path: packed sequences, grouped
+MoE dispatch) comparable with the plain path (padded batches, one matmul per expert)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ def emb():
             for p in moe.experts.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
             moe.router.weight.normal_(0, 1.0, generator=gen)  # routes away from the guided choice too
-    B._register_text_attention()
     return model
 
 
@@ -66,43 +66,49 @@ def test_synthetic_records_follow_the_input_builder_layout(items):
     assert mix.count("text") == 3  # 12 : 3 : 2, text-only are the 3
 
 
-@pytest.mark.parametrize("backend", ["grouped_sdpa"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_grouped_sdpa_equals_per_sequence_attention(backend, causal):
-    gen = torch.Generator().manual_seed(1)
-    lengths = [5, 3, 5, 9, 3]
-    q = torch.randn(sum(lengths), 4, 8, generator=gen)
-    k, v = torch.randn(sum(lengths), 2, 8, generator=gen), torch.randn(sum(lengths), 2, 8, generator=gen)
-    cu = torch.tensor([0, 5, 8, 13, 22, 25])
-    got = B.VarlenAttention(CPU, force=backend)(q, k, v, cu, 9, lengths, causal, 0.3)
-    ref, start = [], 0
-    for n in lengths:
-        s = slice(start, start + n)
-        qs, ks, vs = (x[s].transpose(0, 1) for x in (q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
-        ref.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=0.3))
-        start += n
-    torch.testing.assert_close(got, torch.cat([r.transpose(0, 1) for r in ref]), atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("grouped", [True, False])
-def test_packed_path_equals_padded_hf_forward(emb, items, grouped):
-    if grouped and not B.grouped_mm_works(CPU, torch.float32):
-        pytest.skip("this torch has no CPU float32 grouped_mm")
-    attn = B.VarlenAttention(CPU)
+def test_library_fast_path_equals_the_plain_path(emb, items):
+    plain_config = emb.config
     with torch.no_grad():
-        padded = emb(emb.collate(items))
-        aux_padded = emb.aux_loss()
-        with B.ours_mode(emb, attn, grouped):
-            packed = B.packed_embed(emb, B.pack(items), attn)
+        with B.library_path(emb, ours=False):
+            assert not emb.packing and emb.config.moe_dispatch == "loop"
+            padded = emb(emb.collate(items))
+            aux_padded = emb.aux_loss()
+        with B.library_path(emb, ours=True):
+            assert emb.packing and emb.config.moe_dispatch == "auto"  # the moon-tiny decoder packs
+            packed = emb(emb.collate(items))
             aux_packed = emb.aux_loss()
+    assert emb.config is plain_config  # the switch is undone
     torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(aux_packed, aux_padded, atol=1e-6, rtol=1e-5)
-    # the patches are undone: the library forward is back
-    assert all("forward" not in m.__dict__ for m in B.moe_layers(emb.backbone))
+
+
+def test_grouped_mm_moe_equals_the_expert_loop(emb, items, monkeypatch):
+    # on CPU even where ``auto`` does not pick it (torch 2.13's CPU grouped_mm runs forward; only a
+    # stride-0 backward fails, which grouped_mm_works detects): this is a no-grad forward
+    import torch.nn.functional as F
+
+    from moon.model import moe
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
+    monkeypatch.setattr(moe, "grouped_mm_works", lambda device, dtype: True)
+    calls, grouped_mm = [], F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    saved = emb.config
+    out = {}
+    try:
+        with torch.no_grad():
+            for dispatch in ("loop", "grouped_mm"):
+                emb.config = saved.replace(packed=True, moe_dispatch=dispatch)
+                out[dispatch] = (emb(emb.collate(items)), emb.aux_loss())
+    finally:
+        emb.config = saved
+    assert len(calls) == 2 * len(emb.moe_layer_ids)  # really run: 2 grouped GEMMs per MoE layer
+    torch.testing.assert_close(out["grouped_mm"][0], out["loop"][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out["grouped_mm"][1], out["loop"][1], atol=1e-6, rtol=1e-5)
 
 
 def test_chunked_packed_training_gives_the_unchunked_gradients(emb, items):
-    attn = B.VarlenAttention(CPU)
     loss = B.ContrastiveLoss(0.05)
     queries, products = items[5:9], items[:4]
     grads = []
@@ -112,8 +118,8 @@ def test_chunked_packed_training_gives_the_unchunked_gradients(emb, items):
         B.set_checkpointing(emb, checkpointing)
         emb.train()
         try:
-            with B.ours_mode(emb, attn, False):
-                model = B._PackedModel(emb, attn)
+            with B.library_path(emb, ours=True):
+                model = B.PreCollated(emb)
                 B.forward_backward(model, queries, products, B.in_batch_loss(loss), chunk_size=chunk, aux_weight=0.01)
         finally:
             B.set_checkpointing(emb, False)
@@ -167,7 +173,7 @@ def test_dense_mode_swaps_moe_for_the_shared_mlp_and_back(emb):
 def test_oom_is_recorded_not_raised(emb, items):
     bench = B.Bench(
         emb=emb, device=CPU, products=items[:2], queries=items[5:7], args=B.parse_args(["--out", "x", "--quick"]),
-        attn=B.VarlenAttention(CPU), grouped_mm=False, peak_tflops=None, deadline=float("inf"),
+        peak_tflops=None, deadline=float("inf"),
     )  # fmt: skip
 
     def boom() -> dict:
@@ -217,18 +223,18 @@ def test_cpu_smoke_run_writes_a_labelled_result_file(tmp_path, monkeypatch):
         "embed_ours_over_naive_throughput",
     }
     assert report["moe_layers"] == [0, 1]
+    assert saved["packed"] is True and saved["attention_backend"] == "grouped_sdpa"  # always on CPU
+    assert saved["moe_dispatch"] == ("grouped_mm" if B.grouped_mm_works(CPU, torch.float32) else "loop")
 
 
-def test_window_sizes_and_max_seqlens_match_the_towers_own(emb, items):
+def test_window_sizes_match_the_towers_own(emb, items):
+    """The attention windows :func:`count_flops` counts are the ones the vision tower makes."""
     from transformers.vision_utils import get_vision_window_index
 
     vcfg = B.base_model(emb.backbone).visual.config
-    batch = B.pack(items)
-    grids = batch.image_grid_thw.tolist()
-    _, cu = get_vision_window_index(batch.image_grid_thw, 2, vcfg.window_size, vcfg.patch_size)
+    grid_thw = torch.cat([x.image_grid_thw for x in items if x.image_grid_thw is not None])
+    _, cu = get_vision_window_index(grid_thw, 2, vcfg.window_size, vcfg.patch_size)
     theirs = [int(x) for x in torch.as_tensor(cu).diff().tolist() if int(x) > 0]
     win = vcfg.window_size // vcfg.patch_size
-    ours = [s for _, h, w in grids for s in B._vision_windows(h, w, win, 2)]
-    assert ours == theirs and len(ours) > len(grids)  # several windows per image somewhere
-    full, window = B.vision_max_seqlens(vcfg, batch.image_grid_thw)
-    assert (full, window) == (max(h * w for _, h, w in grids), max(theirs))
+    ours = [s for _, h, w in grid_thw.tolist() for s in B._vision_windows(h, w, win, 2)]
+    assert ours == theirs and len(ours) > len(grid_thw)  # several windows per image somewhere

@@ -9,9 +9,23 @@ restarting at 0 in every sequence) and scatters the last hidden states back to `
 at padding), so pooling and everything after it are unchanged. Same function as the padded path:
 ``tests/model/test_packed.py`` holds it to 1e-5 in float32, forward and gradients.
 
-Attention (:func:`grouped_sdpa`, any device): sequences of equal length are stacked and sent to one
-``scaled_dot_product_attention`` call with ``is_causal=True``, so each sequence attends to itself
-only and no ``T × T`` mask is ever built.
+Attention over the packed row (:func:`packed_attention`) has two backends:
+
+* ``grouped_sdpa`` (:func:`grouped_sdpa`, any device): sequences of equal length are stacked and sent
+  to one ``scaled_dot_product_attention`` call with ``is_causal=True``, so each sequence attends to
+  itself only and no ``T × T`` mask is ever built;
+* ``varlen`` (CUDA): one variable-length FlashAttention call over ``cu_seqlens`` per layer,
+  flash-attention's ``flash_attn_varlen_func`` or torch's ``torch.nn.attention.varlen.varlen_attn``,
+  whichever imports and passes a one-time check (forward and backward, causal and not, GQA) against
+  ``grouped_sdpa`` on that device and dtype (:func:`varlen_kernel`).
+
+Which one runs is :data:`ATTENTION_BACKEND`, read on every call: initially the environment variable
+``MOON_PACKED_ATTENTION`` (default ``auto``). ``auto``: ``varlen`` on CUDA where a kernel passes the
+check, else ``grouped_sdpa``; on CPU always ``grouped_sdpa``. ``grouped_sdpa`` forces it; ``varlen``
+forces the kernel (an error where none imports). The module-level setting may also be assigned a
+function ``fn(q, k, v, cu_seqlens, max_seqlen, *, causal, scale)`` (``(T, nh, d)`` q, ``(T, nkv, d)``
+k/v, ``(B+1,)`` int32 offsets → ``(T, nh, d)``), used as the varlen kernel on every device, unchecked
+(how ``tests/model/test_packed_backends.py`` tests the wiring without a GPU).
 
 How it hooks into transformers without patching: :func:`install` registers one attention function,
 ``moon_sdpa``, with transformers' ``AttentionInterface`` (and :func:`moon_sdpa_mask`, the SDPA mask
@@ -36,10 +50,14 @@ implementation, attention dropout) keeps the padded path (:func:`why_unsupported
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import inspect
 import logging
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +70,12 @@ ATTN_IMPL = "moon_sdpa"
 _BASE_IMPL = "sdpa"
 #: decoder model types tested packed == padded (tests/model/test_packed.py, test_packed_qwen.py)
 PACKABLE = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+#: ``fn(q, k, v, cu_seqlens, max_seqlen, *, causal, scale) -> out``: a variable-length attention kernel
+VarlenFn = Callable[..., torch.Tensor]
+#: the packed attention backend: ``auto`` | ``grouped_sdpa`` | ``varlen`` or a :data:`VarlenFn` (see the
+#: module docstring); read on every call
+ATTENTION_BACKEND: str | VarlenFn = os.environ.get("MOON_PACKED_ATTENTION", "auto")
+BACKENDS = ("auto", "grouped_sdpa", "varlen")
 
 
 # --------------------------------------------------------------------------- the layout
@@ -149,6 +173,140 @@ def grouped_sdpa(
     return out
 
 
+def _flash_attn_varlen() -> VarlenFn:
+    from flash_attn import flash_attn_varlen_func  # GQA natively (k/v heads divide q heads)
+
+    def fn(q, k, v, cu, max_len, *, causal, scale):
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
+
+    return fn
+
+
+def _torch_varlen(expand_kv: bool) -> VarlenFn:
+    from torch.nn.attention.varlen import varlen_attn
+
+    # its keyword arguments differ between torch releases: chosen from its signature (and checked)
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+
+    def fn(q, k, v, cu, max_len, *, causal, scale):
+        kwargs: dict = {"scale": scale}
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kwargs["is_causal"] = causal
+        if k.shape[1] != q.shape[1]:
+            if expand_kv or "enable_gqa" not in params:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            else:
+                kwargs["enable_gqa"] = True
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+    return fn
+
+
+_VARLEN_CANDIDATES: tuple[tuple[str, Callable[[], VarlenFn]], ...] = (
+    ("flash_attn.flash_attn_varlen_func", _flash_attn_varlen),
+    ("torch varlen_attn (enable_gqa)", lambda: _torch_varlen(False)),
+    ("torch varlen_attn (k/v heads expanded)", lambda: _torch_varlen(True)),
+)
+
+
+def _varlen_agrees(fn: VarlenFn, device: torch.device, dtype: torch.dtype) -> bool:
+    """``fn`` against :func:`grouped_sdpa` on ``device``/``dtype``: outputs and input gradients,
+    causal and not, 4 query heads over 2 k/v heads, three sequences of different lengths, a scale
+    other than the default ``d**-0.5`` (so a kernel that ignores it fails)."""
+    lengths = [16, 40, 8]
+    cu = torch.tensor([0, 16, 56, 64], device=device, dtype=torch.int32)
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator(device=device).manual_seed(0)
+        for causal in (True, False):
+            q = torch.randn(64, 4, 64, device=device, dtype=dtype, generator=gen).requires_grad_()
+            kv = torch.randn(64, 2, 64, device=device, dtype=dtype, generator=gen).requires_grad_()
+            got = fn(q, kv, kv, cu, 40, causal=causal, scale=0.2)
+            g_q, g_kv = torch.autograd.grad(got.float().square().sum(), (q, kv))
+            ref = grouped_sdpa(q, kv, kv, lengths, causal=causal, scale=0.2)
+            r_q, r_kv = torch.autograd.grad(ref.float().square().sum(), (q, kv))
+            for a, b in ((got, ref), (g_q, r_q), (g_kv, r_kv)):
+                if a.shape != b.shape or not bool((a.float() - b.float()).norm() / b.float().norm() < 2e-2):
+                    return False
+    return True
+
+
+@functools.cache
+def varlen_kernel(device: torch.device, dtype: torch.dtype) -> VarlenFn | None:
+    """The first variable-length kernel that imports, runs and agrees with :func:`grouped_sdpa` on
+    ``device`` (CUDA only) and ``dtype``, checked once per device and dtype; ``None`` where none does."""
+    if device.type != "cuda":
+        return None
+    for name, make in _VARLEN_CANDIDATES:
+        if _in_own_thread(functools.partial(_probe, name, make, device, dtype)):
+            return make()
+    return None
+
+
+def _probe(name: str, make: Callable[[], VarlenFn], device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        # (a new thread starts on the default CUDA device: the kernel must run on ``device``)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            agrees = _varlen_agrees(make(), device, dtype)
+        if agrees:
+            log.info("packed attention: %s on %s %s", name, device, dtype)
+            return True
+        log.info("packed attention: %s disagrees with grouped SDPA on %s %s", name, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - a kernel probe: a third-party CUDA kernel may fail
+        # in any way (its own exception types, missing symbols, unsupported arch): all mean "not here"
+        log.info("packed attention: %s unusable on %s %s: %s: %s", name, device, dtype, type(exc).__name__, exc)
+    return False
+
+
+def _in_own_thread(fn: Callable[[], bool]) -> bool:
+    """``fn()`` in a thread of its own: the probe back-propagates, and the first packed forward may
+    run inside gradient checkpointing, whose saved-tensor hooks (thread-local, like grad mode,
+    inference mode and autocast) must not see the probe's tensors."""
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(fn()), name="moon-varlen-probe")
+    worker.start()
+    worker.join()
+    return bool(result and result[0])
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> VarlenFn | None:
+    """The varlen kernel packed attention uses on ``device``/``dtype`` under :data:`ATTENTION_BACKEND`,
+    or ``None`` for the grouped SDPA."""
+    backend = ATTENTION_BACKEND
+    if callable(backend):
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"packed attention backend {backend!r}: expected one of {', '.join(BACKENDS)} or a function")
+    if backend == "grouped_sdpa" or device.type != "cuda":
+        if backend == "varlen":
+            raise RuntimeError(f"packed attention backend 'varlen' needs CUDA, got {device.type}")
+        return None
+    fn = varlen_kernel(device, dtype)
+    if fn is None and backend == "varlen":
+        raise RuntimeError(f"packed attention backend 'varlen': no varlen kernel works on {device} {dtype}")
+    return fn
+
+
+def attention_backend_name(device: torch.device, dtype: torch.dtype) -> str:
+    """``varlen`` or ``grouped_sdpa``: what :func:`packed_attention` runs on ``device``/``dtype``."""
+    return "grouped_sdpa" if attention_backend(device, dtype) is None else "varlen"
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *, causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``(T, nh, d)`` q, ``(T, nkv, d)`` k/v of a packed row → ``(T, nh, d)``, each sequence attending
+    to itself only, by the backend :func:`attention_backend` picks."""
+    fn = attention_backend(q.device, q.dtype)
+    if fn is None:
+        return grouped_sdpa(q, k, v, layout.lengths, causal=causal, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, layout.max_len, causal=causal, scale=scale)
+
+
 def moon_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention function registered as ``moon_sdpa``: packed attention when the call carries a
     :class:`PackedLayout` (``moon_packed``), else exactly transformers' SDPA attention."""
@@ -164,7 +322,7 @@ def moon_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     # (1, nh, T, d) → (T, nh, d)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     causal = bool(getattr(module, "is_causal", True))
-    out = grouped_sdpa(q, k, v, layout.lengths, causal=causal, scale=scaling)
+    out = packed_attention(q, k, v, layout, causal=causal, scale=scaling)
     return out.unsqueeze(0), None  # (1, T, nh, d), like transformers' attention functions
 
 
@@ -253,12 +411,19 @@ def decoder_forward(
 
 
 __all__ = [
+    "ATTENTION_BACKEND",
     "ATTN_IMPL",
+    "BACKENDS",
     "PACKABLE",
     "PackedLayout",
+    "VarlenFn",
+    "attention_backend",
+    "attention_backend_name",
     "decoder_forward",
     "grouped_sdpa",
     "install",
     "moon_sdpa_attention",
+    "packed_attention",
+    "varlen_kernel",
     "why_unsupported",
 ]
