@@ -85,7 +85,7 @@ def test_cli_embed_help_summary_and_one_line_errors(tmp_path, store, count_famil
     from moon.embed import DEFAULT_SHARD_SIZE
 
     text = run("embed", "--help")
-    assert "--engine [local]" in text and f"default: {DEFAULT_SHARD_SIZE}" in text
+    assert "--engine [local|ray]" in text and f"default: {DEFAULT_SHARD_SIZE}" in text
     assert "--from-vectors" in run("index", "build", "--help")
     assert "embed" in run("--help")
     out = str(tmp_path / "vectors")

@@ -17,10 +17,21 @@ import click
 )
 @click.option(
     "--engine",
-    type=click.Choice(["local"]),
+    type=click.Choice(["local", "ray"]),
     default="local",
     show_default=True,
-    help="local: encode in this process (a Ray engine is planned).",
+    help="local: encode in this process; ray: a Ray Data actor pool, one model per actor (pip install 'moon[scale]').",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to use with --engine ray (default: start a local one on this machine's CPUs, stop it after).",
+)
+@click.option(
+    "--ray-actors",
+    default=None,
+    type=click.IntRange(1),
+    help="Actors (models) in the pool with --engine ray  [default: 2 on CPU, one per GPU with CUDA].",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Products per forward.")
 @click.option(
@@ -32,7 +43,9 @@ import click
     is_flag=True,
     help="Let a gme: checkpoint given with --model run its own Python code (never taken from a manifest).",
 )
-def embed(data, model, out, engine, batch_size, shard_size, overwrite, trust_remote_code) -> None:
+def embed(
+    data, model, out, engine, ray_address, ray_actors, batch_size, shard_size, overwrite, trust_remote_code
+) -> None:
     """Embed every product of a store into sharded vector files, resumably.
 
     Finished shards are recorded in OUT/manifest.json with their sha256; rerunning the same command
@@ -40,6 +53,7 @@ def embed(data, model, out, engine, batch_size, shard_size, overwrite, trust_rem
     from the result with `moon index build --from-vectors OUT --model MODEL --out INDEX`.
     """
     from moon.embed import embed_store
+    from moon.embed.ray_engine import RaySettings
     from moon.models import load_embedder
 
     embedder = load_embedder(model, trust_remote_code=trust_remote_code)
@@ -53,5 +67,7 @@ def embed(data, model, out, engine, batch_size, shard_size, overwrite, trust_rem
         batch_size=batch_size,
         overwrite=overwrite,
         show_progress=True,
+        trust_remote_code=trust_remote_code,
+        ray=RaySettings(address=ray_address, actors=ray_actors),
     )
     click.echo(summary.format())

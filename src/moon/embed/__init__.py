@@ -3,7 +3,7 @@
 ``embed_store(store, out_dir, embedder)`` writes ``shard-NNNNN.parquet`` files and a manifest
 (:mod:`moon.embed.shards`); a rerun skips the shards already finished. ``moon index build
 --from-vectors`` indexes them without encoding again (:mod:`moon.index.from_vectors`). Engines:
-``local`` (this process); ``ray`` is planned.
+``local`` (this process) and ``ray`` (a Ray Data actor pool, :mod:`moon.embed.ray_engine`).
 """
 
 from moon.embed.run import DEFAULT_SHARD_SIZE, ENGINES, EmbedSummary, embed_store

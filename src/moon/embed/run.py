@@ -1,4 +1,4 @@
-"""``embed_store``: embed every product of a store into vector shards, resumably (local engine)."""
+"""``embed_store``: embed every product of a store into vector shards, resumably (engines local and ray)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from moon import progress
 from moon.data import Product, ProductStore
+from moon.embed.ray_engine import RaySettings
 from moon.embed.shards import (
     MANIFEST_FILE,
     SHARD_PREFIX,
@@ -32,8 +33,8 @@ from moon.models import Embedder
 from moon.models.encoding import WINDOW_BATCHES
 
 DEFAULT_SHARD_SIZE = 65_536  # 16 × 4096: windows of any power-of-two batch size ≤ 4096 fit whole
-#: the engines of this version; ``ray`` (a Ray Data actor pool) is the next one
-ENGINES = ("local",)
+#: ``local``: this process; ``ray``: a Ray Data actor pool (:mod:`moon.embed.ray_engine`)
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -120,11 +121,11 @@ def _shards(store: ProductStore, ranges: list[tuple[int, int]], todo: set[int]) 
                 batch = []
 
 
-def _encode(embedder: Embedder, products: list[Product], batch_size: int, bar: object) -> np.ndarray:
+def encode_windows(embedder: Embedder, products: list[Product], batch_size: int, bar: object = None) -> np.ndarray:
     """The products' vectors through the embedder's own ``encode_products`` (the library's one
     encode loop), called a window of ``batch_size`` × :data:`WINDOW_BATCHES` products at a time —
     the windows ``encode_products`` itself uses, so the vectors are the same as one call on the
-    whole shard — updating ``bar`` after each."""
+    whole shard — updating ``bar`` (if any) after each. Both engines encode through this."""
     window = batch_size * WINDOW_BATCHES
     parts = []
     for start in range(0, len(products), window):
@@ -138,7 +139,8 @@ def _encode(embedder: Embedder, products: list[Product], batch_size: int, bar: o
         if not np.isfinite(vectors).all():
             raise DataError(f"embedder {embedder.name!r} returned NaN or infinite vectors")
         parts.append(vectors)
-        bar.update(len(chunk))  # type: ignore[attr-defined]
+        if bar is not None:
+            bar.update(len(chunk))  # type: ignore[attr-defined]
     return np.concatenate(parts)
 
 
@@ -153,6 +155,8 @@ def embed_store(
     batch_size: int = 64,
     overwrite: bool = False,
     show_progress: bool = False,
+    trust_remote_code: bool = False,
+    ray: RaySettings | None = None,
 ) -> EmbedSummary:
     """Embed every product of ``store`` with ``embedder`` into ``out_dir`` (format: :mod:`moon.embed.shards`).
 
@@ -161,11 +165,16 @@ def embed_store(
     are checked (sha256, ids) and skipped; a missing or damaged one is embedded again. A directory
     of another model or shard size, or of a store whose products changed, is a
     :class:`ConfigError` (``overwrite=True`` deletes its shards and manifest and starts afresh).
+
+    ``engine="ray"`` encodes the missing shards in a Ray Data actor pool (``ray``: address, actors,
+    CPUs per actor; see :mod:`moon.embed.ray_engine`): each actor loads the model from the spec
+    ``model`` (with ``trust_remote_code`` as given) and must get ``embedder``'s fingerprint; this
+    process writes the shards and manifest exactly as the local engine does.
     """
     from moon.index.references import store_reference
 
     if engine not in ENGINES:
-        raise ConfigError(f"engine {engine!r}: this version has {', '.join(ENGINES)} (ray is planned)")
+        raise ConfigError(f"engine {engine!r}: this version has {', '.join(ENGINES)}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
     if shard_size < 1:
@@ -220,14 +229,37 @@ def embed_store(
     written = encoded = 0
     started = time.perf_counter()
     with progress.bar(n, "embed products", enabled=show_progress, unit="product", initial=done_before) as bar:
-        for index, products in _shards(store, ranges, todo):
+        if engine == "ray":
+            from moon.embed.ray_engine import encode_shards
+
+            results = encode_shards(
+                spec=model,
+                store_root=store.root,
+                ranges=ranges,
+                todo=todo,
+                fingerprint=fingerprint,
+                dim=dim,
+                batch_size=batch_size,
+                trust_remote_code=trust_remote_code,
+                settings=ray or RaySettings(),
+            )
+        else:
+            results = (
+                (index, [p.id for p in products], encode_windows(embedder, products, batch_size, bar))
+                for index, products in _shards(store, ranges, todo)
+            )
+        seen: set[int] = set()
+        for index, ids, vectors in results:
             start, stop = ranges[index]
-            ids = [p.id for p in products]
+            if index in seen:
+                raise DataError(f"engine {engine}: shard {index} came back twice")
+            seen.add(index)
             if ids != store_ids[start:stop]:
                 raise DataError(
                     f"{store.root}: products.parquet yields other ids than its id column at rows {start:,}.."
                 )
-            vectors = _encode(embedder, products, batch_size, bar)
+            if engine == "ray":
+                bar.update(len(ids))
             record = write_shard(out, index, start, ids, vectors)
             manifest.shards = [s for s in manifest.shards if s.index != index] + [record]
             write_manifest(out, manifest)
