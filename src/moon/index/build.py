@@ -398,28 +398,57 @@ def _build_spooled(
         if len(ids) != n:
             raise DataError(f"{store.root}: products.parquet yielded {len(ids)} products, its id column {n}")
         vectors.flush()
-        chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
-        probe = store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
-        return build_index_from_vectors(
-            out,
-            ids,
-            vectors,
-            model=model or embedder.name,
-            fingerprint=embedder.fingerprint(),
-            store=str(store.root),
-            kind=chosen,
-            params=params,
-            exact_limit=exact_limit,
-            hnsw_limit=hnsw_limit,
-            recall_queries=recall_queries,
-            queries=probe,
-            queries_source="queries",
-            references=model_reference(model or embedder.name, out) | store_reference(store.root, out),
-            seed=seed,
-            show_progress=show_progress,
-        )
+        return index_store_vectors(
+            out, ids, vectors, embedder, store, model=model or embedder.name, fingerprint=embedder.fingerprint(),
+            kind=kind, params=params, exact_limit=exact_limit, hnsw_limit=hnsw_limit,
+            recall_queries=recall_queries, seed=seed, show_progress=show_progress,
+        )  # fmt: skip
     finally:
         del vectors
+
+
+def index_store_vectors(
+    out: Path,
+    ids: list[str],
+    vectors: np.ndarray,
+    embedder: Embedder,
+    store: ProductStore,
+    *,
+    model: str,
+    fingerprint: str,
+    kind: str,
+    params: dict[str, Any] | None,
+    exact_limit: int,
+    hnsw_limit: int,
+    recall_queries: int,
+    seed: int,
+    show_progress: bool,
+) -> VectorIndex:
+    """The index of a store's product ``vectors`` (in ``ids`` order, from ``embedder``): the kind
+    chosen for their number, recall probed with the store's own queries (encoded by ``embedder``) for
+    the approximate kinds, the model and store recorded as references. Shared by :func:`build_index`
+    (vectors just encoded) and :func:`moon.index.from_vectors.build_index_from_shards` (vectors from
+    ``moon embed``)."""
+    chosen = choose_kind(len(ids), kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
+    probe = store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
+    return build_index_from_vectors(
+        out,
+        ids,
+        vectors,
+        model=model,
+        fingerprint=fingerprint,
+        store=str(store.root),
+        kind=chosen,
+        params=params,
+        exact_limit=exact_limit,
+        hnsw_limit=hnsw_limit,
+        recall_queries=recall_queries,
+        queries=probe,
+        queries_source="queries",
+        references=model_reference(model, out) | store_reference(store.root, out),
+        seed=seed,
+        show_progress=show_progress,
+    )
 
 
 def store_queries(embedder: Embedder, store: ProductStore, limit: int, seed: int) -> np.ndarray | None:

@@ -13,10 +13,10 @@ from moon import progress
 from moon.data import ProductStore
 from moon.errors import ConfigError, DataError
 from moon.index.atomic import check_index_target, index_lock, new_staging
-from moon.index.build import build_index_from_vectors, store_queries
-from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT, choose_kind
+from moon.index.build import index_store_vectors
+from moon.index.kinds import EXACT_LIMIT, HNSW_LIMIT
 from moon.index.manifest import MANIFEST_FILE
-from moon.index.references import manifest_store_dir, model_reference, store_reference
+from moon.index.references import manifest_store_dir
 from moon.index.vector_index import VectorIndex
 from moon.models import Embedder
 
@@ -102,26 +102,11 @@ def build_index_from_shards(
                     ids.extend(shard_ids)
                     bar.update(len(shard_ids))
             vectors.flush()
-            chosen = choose_kind(n, kind, exact_limit=exact_limit, hnsw_limit=hnsw_limit)
-            probe = store_queries(embedder, store, recall_queries, seed) if chosen != "exact" else None
-            return build_index_from_vectors(
-                out,
-                ids,
-                vectors,
-                model=model,
-                fingerprint=vm.fingerprint,
-                store=str(store.root),
-                kind=chosen,
-                params=params,
-                exact_limit=exact_limit,
-                hnsw_limit=hnsw_limit,
-                recall_queries=recall_queries,
-                queries=probe,
-                queries_source="queries",
-                references=model_reference(model, out) | store_reference(store.root, out),
-                seed=seed,
-                show_progress=show_progress,
-            )
+            return index_store_vectors(
+                out, ids, vectors, embedder, store, model=model, fingerprint=vm.fingerprint, kind=kind,
+                params=params, exact_limit=exact_limit, hnsw_limit=hnsw_limit, recall_queries=recall_queries,
+                seed=seed, show_progress=show_progress,
+            )  # fmt: skip
         finally:
             vectors = None
             shutil.rmtree(spool_dir, ignore_errors=True)
