@@ -7,11 +7,12 @@ import math
 import click
 
 from moon.errors import ConfigError
+from moon.serve.limits import INT_LIMITS, MAX_TIMEOUT_S, MAX_WAIT_MS, ServeLimits
 
-#: the longest timeout accepted, in seconds (as ``moon.serve.limits.MAX_TIMEOUT_S``)
-MAX_SECONDS = 86_400
 #: the largest --max-body-mb (1 TiB)
 MAX_BODY_MB = 1024 * 1024
+#: the defaults and bounds of the options are ServeLimits' own (one home for each number)
+_DEFAULT = ServeLimits()
 
 
 def _fmt(x: float) -> str:
@@ -52,6 +53,15 @@ class _Number(click.ParamType):
         return number
 
 
+def _int(name: str) -> _Number:
+    """An integer option within ``ServeLimits``' bounds for field ``name``."""
+    return _Number(int, *INT_LIMITS[name])
+
+
+def _seconds() -> _Number:
+    return _Number(float, 0, MAX_TIMEOUT_S, above_low=True)
+
+
 @click.command()
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
@@ -66,65 +76,75 @@ class _Number(click.ParamType):
 )
 @click.option(
     "--max-body-mb",
-    default=8.0,
+    default=_DEFAULT.max_body_bytes / (1024 * 1024),
     show_default=True,
     type=_Number(float, 0, MAX_BODY_MB, above_low=True),
     help="Largest request body (uploads included).",
 )
 @click.option(
     "--max-pixels",
-    default=24_000_000,
+    default=_DEFAULT.max_pixels,
     show_default=True,
-    type=_Number(int, 1),
+    type=_int("max_pixels"),
     help="Largest uploaded image (width × height).",
 )
 @click.option(
-    "--max-text", default=1000, show_default=True, type=_Number(int, 1), help="Longest query text (characters)."
+    "--max-text",
+    default=_DEFAULT.max_text_chars,
+    show_default=True,
+    type=_int("max_text_chars"),
+    help="Longest query text (characters).",
 )
-@click.option("--max-k", default=100, show_default=True, type=_Number(int, 1, 100), help="Most results per search.")
+@click.option("--max-k", default=_DEFAULT.max_k, show_default=True, type=_int("max_k"), help="Most results per search.")
 @click.option(
     "--timeout",
     "timeout_s",
-    default=30.0,
+    default=_DEFAULT.timeout_s,
     show_default=True,
-    type=_Number(float, 0, MAX_SECONDS, above_low=True),
+    type=_seconds(),
     help="Seconds one model/search call may take, queueing included (504 after).",
 )
-@click.option("--concurrency", default=2, show_default=True, type=_Number(int, 1), help="Model calls running at once.")
+@click.option(
+    "--concurrency",
+    default=_DEFAULT.concurrency,
+    show_default=True,
+    type=_int("concurrency"),
+    help="Model calls running at once.",
+)
 @click.option(
     "--read-timeout",
     "read_timeout_s",
-    default=60.0,
+    default=_DEFAULT.read_timeout_s,
     show_default=True,
-    type=_Number(float, 0, MAX_SECONDS, above_low=True),
+    type=_seconds(),
     help="Seconds a client has to send a whole request, headers and body (408 and closed after).",
 )
 @click.option(
     "--max-connections",
-    default=256,
+    default=_DEFAULT.max_connections,
     show_default=True,
-    type=_Number(int, 1),
+    type=_int("max_connections"),
     help="Connections open at once; beyond it the longest-idle one is closed, or 503 if all are busy.",
 )
 @click.option(
     "--max-batch",
-    default=16,
+    default=_DEFAULT.max_batch,
     show_default=True,
-    type=_Number(int, 1, 4096),
+    type=_int("max_batch"),
     help="Queries encoded together: concurrent requests are grouped into one model call (1: no batching).",
 )
 @click.option(
     "--max-wait-ms",
-    default=5.0,
+    default=_DEFAULT.max_wait_ms,
     show_default=True,
-    type=_Number(float, 0, 1000),
+    type=_Number(float, 0, MAX_WAIT_MS),
     help="While the model is busy, how long a batch's first request waits for others (idle: none).",
 )
 @click.option(
     "--max-queue",
-    default=256,
+    default=_DEFAULT.max_queue,
     show_default=True,
-    type=_Number(int, 1),
+    type=_int("max_queue"),
     help="Queries waiting or being encoded at once; beyond it a request gets 503 with Retry-After.",
 )
 @click.option(

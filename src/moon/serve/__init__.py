@@ -5,7 +5,20 @@
 (read deadline, connection limit, strict request framing).
 """
 
-from moon.serve.app import create_app
+from __future__ import annotations
+
+from typing import Any
+
 from moon.serve.limits import ServeLimits
 
 __all__ = ["ServeLimits", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # the app (FastAPI, faiss) is imported when first used: `moon serve --help` and code that only
+    # needs ServeLimits do not pay for it
+    if name == "create_app":
+        from moon.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'moon.serve' has no attribute {name!r}")
