@@ -25,12 +25,7 @@ from torch import nn
 from moon.data.records import Product, Query, product_text
 from moon.models.baselines.byte_tokenizer import VOCAB_SIZE, encode_text, pad_batch
 from moon.models.baselines.fusion import fuse
-from moon.models.baselines.persistence import (
-    config_with_overrides,
-    read_saved_config,
-    save_module,
-    tensors_fingerprint,
-)
+from moon.models.baselines.persistence import SavedConfigModule, tensors_fingerprint
 from moon.models.baselines.pixels import images_tensor
 from moon.models.encoding import TorchEncoding
 
@@ -108,8 +103,11 @@ class TextTower(nn.Module):
         return nn.functional.normalize(self.proj(pooled), dim=-1)
 
 
-class DualEncoder(TorchEncoding, nn.Module):
+class DualEncoder(SavedConfigModule, TorchEncoding, nn.Module):
     """CLIP-style two towers behind the :class:`moon.models.TrainableEmbedder` protocol."""
+
+    family = FAMILY
+    config_class = DualEncoderConfig
 
     def __init__(self, config: DualEncoderConfig | None = None, *, name: str = FAMILY):
         super().__init__()
@@ -199,20 +197,7 @@ class DualEncoder(TorchEncoding, nn.Module):
     def fingerprint(self) -> str:
         return tensors_fingerprint(self.config, self.state_dict())
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``embedder.json`` ({"family": "dual-encoder", "config"}) and ``model.safetensors``."""
-        save_module(self, directory, FAMILY, self.config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str, **overrides: Any) -> DualEncoder:
-        config, tensors = read_saved_config(directory, FAMILY)
-        model = cls(config_with_overrides(DualEncoderConfig, config, overrides), name=f"{FAMILY}:{directory}")
-        model.load_state_dict(tensors)
-        return model
-
 
 def load_dual_encoder(arg: str | None = None, **overrides: Any) -> DualEncoder:
     """``dual-encoder`` (fresh, seeded) or ``dual-encoder:DIR`` / ``DIR`` (saved by ``save_pretrained``)."""
-    if arg:
-        return DualEncoder.from_pretrained(arg, **overrides)
-    return DualEncoder(config_with_overrides(DualEncoderConfig, None, overrides))
+    return DualEncoder.load(arg, **overrides)

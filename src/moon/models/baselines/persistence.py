@@ -13,7 +13,14 @@ import torch
 from moon.errors import ConfigError
 from moon.models.saved import WEIGHTS_FILE, read_saved, write_saved
 
-__all__ = ["WEIGHTS_FILE", "config_with_overrides", "read_saved_config", "save_module", "tensors_fingerprint"]
+__all__ = [
+    "WEIGHTS_FILE",
+    "SavedConfigModule",
+    "config_with_overrides",
+    "read_saved_config",
+    "save_module",
+    "tensors_fingerprint",
+]
 C = TypeVar("C")
 
 
@@ -52,3 +59,29 @@ def tensors_fingerprint(config: Any, tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensors[name].detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+class SavedConfigModule:
+    """Save and load for a baseline module whose whole state is its dataclass ``config`` and its
+    ``state_dict()``: subclasses set ``family`` and ``config_class`` and take ``(config, *, name=)``."""
+
+    family: str
+    config_class: type
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``embedder.json`` ({"family", "config"}) and ``model.safetensors``."""
+        save_module(self, directory, self.family, self.config, self.state_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any):
+        config, tensors = read_saved_config(directory, cls.family)
+        model = cls(config_with_overrides(cls.config_class, config, overrides), name=f"{cls.family}:{directory}")  # type: ignore[call-arg]
+        model.load_state_dict(tensors)  # type: ignore[attr-defined]
+        return model
+
+    @classmethod
+    def load(cls, arg: str | None = None, **overrides: Any):
+        """``FAMILY`` (fresh, seeded) or ``FAMILY:DIR`` / ``DIR`` (saved by :meth:`save_pretrained`)."""
+        if arg:
+            return cls.from_pretrained(arg, **overrides)
+        return cls(config_with_overrides(cls.config_class, None, overrides))  # type: ignore[call-arg]

@@ -24,7 +24,7 @@ from torch import nn
 from moon.data.records import Product, Query, product_text
 from moon.errors import ConfigError
 from moon.models.baselines.fusion import fuse
-from moon.models.baselines.persistence import config_with_overrides, read_saved_config, save_module, tensors_fingerprint
+from moon.models.baselines.persistence import SavedConfigModule, tensors_fingerprint
 from moon.models.encoding import TorchEncoding
 
 FAMILY = "pretrained-towers"
@@ -108,8 +108,11 @@ def _head(in_dim: int, cfg: PretrainedTowersConfig) -> nn.Module:
     return nn.Linear(in_dim, cfg.dim)
 
 
-class PretrainedTowers(TorchEncoding, nn.Module):
+class PretrainedTowers(SavedConfigModule, TorchEncoding, nn.Module):
     """Frozen EfficientNet-Lite0 + MiniLM with trainable heads (a :class:`~moon.models.TrainableEmbedder`)."""
+
+    family = FAMILY
+    config_class = PretrainedTowersConfig
 
     def __init__(self, config: PretrainedTowersConfig | None = None, *, name: str = FAMILY):
         super().__init__()
@@ -182,18 +185,9 @@ class PretrainedTowers(TorchEncoding, nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``embedder.json`` and the heads' weights (the towers come from the installed packages)."""
-        save_module(self, directory, FAMILY, self.config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str, **overrides: Any) -> PretrainedTowers:
-        config, tensors = read_saved_config(directory, FAMILY)
-        model = cls(config_with_overrides(PretrainedTowersConfig, config, overrides), name=f"{FAMILY}:{directory}")
-        model.load_state_dict(tensors)
-        return model
+        super().save_pretrained(directory)
 
 
 def load_pretrained_towers(arg: str | None = None, **overrides: Any) -> PretrainedTowers:
     """``pretrained-towers`` (fresh heads, seeded) or ``pretrained-towers:DIR`` / ``DIR``."""
-    if arg:
-        return PretrainedTowers.from_pretrained(arg, **overrides)
-    return PretrainedTowers(config_with_overrides(PretrainedTowersConfig, None, overrides))
+    return PretrainedTowers.load(arg, **overrides)
